@@ -1,0 +1,195 @@
+"""Frozen configs shared by the networks, attacks, training and evaluation.
+
+Every config round-trips through plain JSON (``to_dict`` / ``from_dict``) so it can be
+stored next to a checkpoint or a report and reloaded without pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ARCHES = ("fusion", "rgb", "skeleton")
+DEFENCES = ("none", "at-r", "at-s", "at-rs", "amr")
+ATTACKS = ("fgsm", "pgd", "cw")
+MODES = ("R", "S", "RS")
+AMR_ACTIVATIONS = ("sigmoid", "identity")
+
+# AMR pairs, counted back from the classifier: the i-th AMR sits at PAIRS[i].
+AMR_PAIRS = (("Mixed_5c", "conv6"), ("Mixed_5b", "conv5"), ("Mixed_4f", "conv4"))
+
+
+class ConfigError(ValueError):
+    """A config field holds a value outside its domain. ``field`` names it."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], f"unknown field for {cls.__name__}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a network; enough to rebuild it from scratch.
+
+    Inputs are RGB ``(B, 3, rgb_frames, rgb_size, rgb_size)`` and skeleton
+    ``(B, 3, skel_frames, joints, persons)``, both in [0, 1].
+    """
+
+    arch: str = "fusion"
+    num_classes: int = 60
+    rgb_frames: int = 64
+    rgb_size: int = 224
+    skel_frames: int = 32
+    joints: int = 25
+    persons: int = 2
+    i3d_width: float = 1.0
+    dropout: float = 0.5
+    num_amr: int = 0
+    # AMR weight parametrisation. The paper gives neither; the default keeps W in (0, 1)
+    # through a sigmoid of a parameter initialised at 0 (W = 0.5 at the start), which
+    # matches the 0.31-0.49 means of its Table 3. "identity" with init 1.0 starts as a no-op.
+    amr_activation: str = "sigmoid"
+    amr_init: float = 0.0
+
+    def __post_init__(self):
+        if self.arch not in ARCHES:
+            raise ConfigError("arch", f"must be one of {ARCHES}, got {self.arch!r}")
+        if self.num_classes < 2:
+            raise ConfigError("num_classes", "must be at least 2")
+        if not 0 <= self.num_amr <= len(AMR_PAIRS):
+            raise ConfigError("num_amr", f"must be in 0..{len(AMR_PAIRS)}, got {self.num_amr}")
+        if self.num_amr and self.arch != "fusion":
+            raise ConfigError("num_amr", "AMR needs the two-stream fusion model")
+        if self.amr_activation not in AMR_ACTIVATIONS:
+            raise ConfigError("amr_activation", f"must be one of {AMR_ACTIVATIONS}")
+        if self.i3d_width <= 0:
+            raise ConfigError("i3d_width", "must be positive")
+        for name in ("rgb_frames", "rgb_size", "skel_frames", "joints", "persons"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, "must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data)
+
+
+# Input geometry and width per preset. "tiny" is sized for 2 CPU cores: PGD-10 adversarial
+# training of a few hundred clips takes minutes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(rgb_frames=64, rgb_size=224, skel_frames=32, i3d_width=1.0),
+    "tiny": dict(rgb_frames=8, rgb_size=32, skel_frames=16, i3d_width=0.25),
+}
+
+
+def preset_config(preset: str, **overrides: Any) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ConfigError("preset", f"must be one of {tuple(PRESETS)}, got {preset!r}")
+    return ModelConfig(**{**PRESETS[preset], **overrides})
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """One L-inf attack: FGSM, PGD-k or CW-k, on modality R, S or both (RS).
+
+    Budgets and step sizes are per modality, in the [0, 1] input scale.
+    FGSM takes a single step of size eps (``steps`` and ``alpha`` are ignored).
+    """
+
+    name: str = "pgd"
+    mode: str = "RS"
+    steps: int = 20
+    eps_rgb: float = 8 / 255
+    eps_skel: float = 8 / 255
+    alpha_rgb: float = 2 / 255
+    alpha_skel: float = 2 / 255
+    random_start: bool = True
+    # Confidence margin of the CW loss, as in the MART/TRADES "CW optimised by PGD" code.
+    cw_kappa: float = 50.0
+
+    def __post_init__(self):
+        if self.name not in ATTACKS:
+            raise ConfigError("name", f"must be one of {ATTACKS}, got {self.name!r}")
+        if self.mode not in MODES:
+            raise ConfigError("mode", f"must be one of {MODES}, got {self.mode!r}")
+        if self.steps < 1:
+            raise ConfigError("steps", "must be at least 1")
+        for name in ("eps_rgb", "eps_skel"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, "must be in [0, 1]")
+        for name in ("alpha_rgb", "alpha_skel"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(name, "must be in (0, 1]")
+
+    @property
+    def label(self) -> str:
+        """Short name used in tables: FGSM, PGD20, CW30."""
+        return "FGSM" if self.name == "fgsm" else f"{self.name.upper()}{self.steps}"
+
+    def with_mode(self, mode: str) -> "AttackConfig":
+        return dataclasses.replace(self, mode=mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AttackConfig":
+        return _from_dict(cls, data)
+
+
+def _default_train_attack() -> AttackConfig:
+    return AttackConfig(name="pgd", mode="RS", steps=10)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training recipe. Defaults are the paper's NTU recipe (DESIGN.md section 3)."""
+
+    defence: str = "amr"
+    lam: float = 1.0
+    epochs: int = 80
+    batch_size: int = 16
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    attack: AttackConfig = field(default_factory=_default_train_attack)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.defence not in DEFENCES:
+            raise ConfigError("defence", f"must be one of {DEFENCES}, got {self.defence!r}")
+        if self.lam < 0:
+            raise ConfigError("lam", "must be >= 0")
+        if self.epochs < 1:
+            raise ConfigError("epochs", "must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", "must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError("lr", "must be positive")
+
+    @property
+    def attack_mode(self) -> str | None:
+        """Modalities attacked by the inner maximisation, or None for clean training."""
+        return {"none": None, "at-r": "R", "at-s": "S", "at-rs": "RS", "amr": "RS"}[self.defence]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        if isinstance(data.get("attack"), dict):
+            data["attack"] = AttackConfig.from_dict(data["attack"])
+        return _from_dict(cls, data)

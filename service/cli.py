@@ -1,0 +1,298 @@
+"""The ``robustact`` command line: data synth/prepare, train, evaluate, compare, serve, worker.
+
+Heavy imports happen inside the commands so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, attack and compare RGB + skeleton action-recognition models (AMR and baselines).")
+data_app = typer.Typer(no_args_is_help=True, help="Write a synthetic NTU-format dataset, or decode a dataset into a training cache.")
+app.add_typer(data_app, name="data")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@contextmanager
+def _user_errors():
+    """Turn the engine's input errors into a one-line CLI error (no traceback)."""
+    from models.checkpoint import CheckpointError
+    from models.config import ConfigError
+    from models.data.ntu import SkeletonFormatError, VideoDecodeError
+    from models.report import ReportError
+
+    try:
+        yield
+    except (ConfigError, CheckpointError, ReportError, SkeletonFormatError, VideoDecodeError,
+            FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
+@contextmanager
+def _progress_bar(description: str):
+    """A rich progress bar driven by ``update(done, total, **fields)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                  transient=False, disable=not sys.stderr.isatty() and not _force_progress()) as bar:
+        task = bar.add_task(description, total=None, info="")
+
+        def update(done: int, total: int | None, info: str = "", description: str | None = None):
+            kwargs = {"completed": done, "total": total, "info": info}
+            if description:
+                kwargs["description"] = description
+            bar.update(task, **kwargs)
+
+        yield update
+
+
+def _force_progress() -> bool:
+    import os
+
+    return os.environ.get("ROBUSTACT_PROGRESS") == "1"
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _ints(value: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        _fail(f"{option}: expected comma-separated integers, got {value!r}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Dataset root to write (NTU layout: nturgb+d_skeletons/, nturgb+d_rgb/, classes.txt).")],
+    classes: Annotated[int, typer.Option(help="Number of action classes (distinct parametric whole-body motions).")] = 6,
+    subjects: Annotated[str, typer.Option(help="Performer ids, comma-separated. X-Sub trains on 1,2,4,5,8,9,13,…; others are test.")] = "1,2,3,4",
+    cameras: Annotated[str, typer.Option(help="Camera ids (views), comma-separated. X-View trains on 2,3.")] = "1,2,3",
+    replications: Annotated[str, typer.Option(help="Replication ids, comma-separated.")] = "1,2",
+    frames: Annotated[int, typer.Option(help="Frames per clip.")] = 48,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same dataset.")] = 0,
+):
+    """Write a synthetic dataset in exactly the NTU RGB+D 60 on-disk layout (skeleton text files and .avi videos)."""
+    with _user_errors():
+        from models.data.synth import synthesize
+
+        with _progress_bar("synthesising") as update:
+            summary = synthesize(out, num_classes=classes, subjects=_ints(subjects, "--subjects"),
+                                 cameras=_ints(cameras, "--cameras"), replications=_ints(replications, "--replications"),
+                                 frames=frames, seed=seed, progress=lambda d, t: update(d, t))
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    root: Annotated[Path, typer.Argument(help="NTU RGB+D 60 root (holding nturgb+d_skeletons/ and nturgb+d_rgb/), real or synthetic.")],
+    out: Annotated[Path, typer.Option(help="Cache directory to write (meta.json + .npy arrays).")],
+    preset: Annotated[str, typer.Option(help="Model preset whose input sizes the cache is decoded to: tiny or paper.")] = "tiny",
+):
+    """Decode every sample once (PyAV video, skeleton text) into a compact cache that training reads."""
+    with _user_errors():
+        from models.config import PRESETS, ConfigError
+        from models.data.cache import prepare
+
+        if preset not in PRESETS:
+            raise ConfigError("preset", f"must be one of {tuple(PRESETS)}")
+        p = PRESETS[preset]
+        with _progress_bar("decoding") as update:
+            summary = prepare(root, out, rgb_frames=p["rgb_frames"], rgb_size=p["rgb_size"],
+                              skel_frames=p["skel_frames"], progress=lambda d, t: update(d, t))
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def _open_dataset(cache: Path, protocol: str, split: str):
+    from models.data.cache import ClipDataset
+
+    if not (cache / "meta.json").is_file():
+        raise FileNotFoundError(f"{cache}: not a prepared cache (run `robustact data prepare` first)")
+    return ClipDataset(cache, protocol=protocol, split=split)
+
+
+def _check_sizes(dataset, model_cfg) -> None:
+    meta = dataset.meta
+    want = (model_cfg.rgb_frames, model_cfg.rgb_size, model_cfg.skel_frames)
+    have = (meta["rgb_frames"], meta["rgb_size"], meta["skel_frames"])
+    if want != have:
+        raise ValueError(f"the cache was prepared for rgb_frames/rgb_size/skel_frames={have} but the model "
+                         f"expects {want}; run `robustact data prepare --preset …` for this preset")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Prepared cache directory (from `robustact data prepare`).")],
+    out: Annotated[Path, typer.Option(help="Run directory: last/ (per-epoch checkpoint for resume) and model/ (final checkpoint).")],
+    preset: Annotated[str, typer.Option(help="Network size and input geometry: tiny (CPU-sized) or paper (full I3D, 64×224×224).")] = "tiny",
+    arch: Annotated[str, typer.Option(help="fusion (RGB + skeleton), rgb (unimodal I3D) or skeleton (unimodal HCN).")] = "fusion",
+    defence: Annotated[str, typer.Option(help="none, at-r, at-s, at-rs (Madry AT on ✗R/✗S/✗RS) or amr (eq. 12).")] = "amr",
+    num_amr: Annotated[int, typer.Option(help="Number of AMRs, 0-3, counted back from the classifier (only with defence amr).")] = 3,
+    lam: Annotated[float, typer.Option(help="λ of eq. 12 (weight of the AMR loss).")] = 1.0,
+    epochs: Annotated[int, typer.Option(help="Epochs (cosine annealing over this many; the paper uses 80 on NTU).")] = 80,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 16,
+    lr: Annotated[float, typer.Option(help="Initial SGD learning rate.")] = 0.01,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 5e-4,
+    attack_steps: Annotated[int, typer.Option(help="PGD steps of the inner maximisation.")] = 10,
+    eps: Annotated[float, typer.Option(help="Training budget ε for both modalities, in 1/255 units.")] = 8.0,
+    alpha: Annotated[float, typer.Option(help="PGD step size α, in 1/255 units.")] = 2.0,
+    amr_activation: Annotated[str, typer.Option(help="AMR weight parametrisation: sigmoid (W = σ(θ)) or identity (W = θ).")] = "sigmoid",
+    amr_init: Annotated[Optional[float], typer.Option(help="Initial θ of the AMR weights (default 0 for sigmoid, 1 for identity).")] = None,
+    protocol: Annotated[str, typer.Option(help="Split protocol: xsub or xview.")] = "xsub",
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, shuffling and attack starts.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Resume from OUT/last/ when it exists.")] = True,
+):
+    """Train a model with a defence; checkpoints every epoch and resumes from the last one."""
+    with _user_errors():
+        from models.config import AttackConfig, ConfigError, TrainConfig, preset_config
+        from models.train import train as run_training
+
+        if defence != "amr" and num_amr:
+            num_amr = 0  # AMR modules only exist with the AMR objective
+        if amr_init is None:
+            amr_init = 0.0 if amr_activation == "sigmoid" else 1.0
+        dataset = _open_dataset(data, protocol, "train")
+        model_cfg = preset_config(preset, arch=arch, num_classes=len(dataset.class_names), num_amr=num_amr,
+                                  amr_activation=amr_activation, amr_init=amr_init)
+        _check_sizes(dataset, model_cfg)
+        train_cfg = TrainConfig(defence=defence, lam=lam, epochs=epochs, batch_size=batch_size, lr=lr,
+                                momentum=momentum, weight_decay=weight_decay, seed=seed,
+                                attack=AttackConfig(name="pgd", mode="RS", steps=attack_steps, eps_rgb=eps / 255,
+                                                    eps_skel=eps / 255, alpha_rgb=alpha / 255, alpha_skel=alpha / 255))
+        if protocol not in ("xsub", "xview"):
+            raise ConfigError("protocol", "must be xsub or xview")
+        typer.echo(f"training {arch} ({preset}) with defence={defence} num_amr={num_amr} on {len(dataset)} clips")
+        with _progress_bar("epoch") as update:
+            def on_progress(p):
+                if p["phase"] == "train":
+                    update(p["step"], p["steps"], info=f"loss {p['loss']:.3f}", description=f"epoch {p['epoch']}/{p['epochs']}")
+                else:
+                    typer.echo(f"epoch {p['epoch']}/{p['epochs']}: loss {p['loss']:.4f} "
+                               f"train acc {p['train_accuracy']:.2f}% ({p['seconds']:.1f}s)")
+            summary = run_training(model_cfg, train_cfg, dataset, out, preset=preset, progress=on_progress,
+                                   device=device, resume=resume)
+    typer.echo(f"model written to {summary['model_dir']}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Checkpoint directory (RUN/model) with model.safetensors and config.json.")],
+    data: Annotated[Path, typer.Option(help="Prepared cache directory.")],
+    out: Annotated[Path, typer.Option(help="Report JSON to write (schema robustact.report/v1).")],
+    attacks: Annotated[str, typer.Option(help="Comma-separated attacks: fgsm, pgdK, cwK (e.g. fgsm,pgd20,cw30).")] = "fgsm,pgd20,cw30",
+    modes: Annotated[str, typer.Option(help="Comma-separated modes: R (RGB only), S (skeleton only), RS (both).")] = "R,S,RS",
+    eps: Annotated[str, typer.Option(help="Comma-separated budgets ε in 1/255 units, same for both modalities (e.g. 2,4,6,8).")] = "8",
+    alpha: Annotated[float, typer.Option(help="Step size α in 1/255 units (PGD, CW).")] = 2.0,
+    split: Annotated[str, typer.Option(help="train or test split of the protocol.")] = "test",
+    protocol: Annotated[str, typer.Option(help="xsub or xview.")] = "xsub",
+    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 16,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate at most this many clips (a seeded random subset).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Row name in comparisons (default: the run directory's name).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the attacks' random starts.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+):
+    """Attack a trained model with an attack suite (attacks × modes × ε) and write a report."""
+    with _user_errors():
+        import torch
+        from torch.utils.data import Subset
+
+        from models.checkpoint import load_checkpoint
+        from models.config import ConfigError, ModelConfig
+        from models.evaluate import build_suite, evaluate as run_evaluation
+        from models.report import format_report
+
+        try:
+            eps_list = [float(e) for e in _csv(eps)]
+        except ValueError:
+            raise ConfigError("eps", f"expected comma-separated numbers, got {eps!r}") from None
+        if split not in ("train", "test"):
+            raise ConfigError("split", "must be train or test")
+        suite = build_suite(_csv(attacks), _csv(modes), eps_list, alpha)
+        net, meta = load_checkpoint(model)
+        dataset = _open_dataset(data, protocol, split)
+        _check_sizes(dataset, ModelConfig.from_dict(meta["model"]))
+        if list(dataset.class_names) != list(meta["class_names"]):
+            raise ValueError("the dataset's classes differ from the model's")
+        subset = dataset
+        if limit is not None and limit < len(dataset):
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+            subset = Subset(dataset, sorted(order.tolist()))
+        model_name = name or (model.parent.name if model.name == "model" else model.name)
+        with _progress_bar("evaluating") as update:
+            report = run_evaluation(net, meta, subset, suite, batch_size=batch_size, seed=seed, device=device,
+                                    progress=lambda p: update(p["step"], p["steps"], info=f"clean {p['clean_accuracy']:.1f}%"),
+                                    dataset_info={"cache": str(data), "protocol": protocol, "split": split},
+                                    model_info={"name": model_name, "checkpoint": str(model)})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    typer.echo(format_report(report))
+    typer.echo(f"report written to {out}")
+
+
+@app.command()
+def compare(
+    reports: Annotated[list[Path], typer.Argument(help="Report JSON files (from `robustact evaluate` or the API).")],
+    baseline: Annotated[str, typer.Option(help="Baseline row for RI: an index into REPORTS or a row name.")] = "0",
+    attack: Annotated[str, typer.Option(help="Attack whose ✗R/✗S/✗RS columns are shown, e.g. PGD20, CW30, FGSM.")] = "PGD20",
+    eps: Annotated[Optional[float], typer.Option(help="Budget ε (1/255 units) to pick when a report holds several.")] = None,
+    names: Annotated[Optional[str], typer.Option(help="Comma-separated row names (default: the reports' model names).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the comparison as JSON here ('-' for stdout only).")] = None,
+):
+    """Table-2-style comparison (✓RS ✗R ✗S ✗RS Avg RI) of several reports, RI against a baseline."""
+    with _user_errors():
+        from models.report import compare as build_comparison, format_comparison, load_report
+
+        loaded = [load_report(p) for p in reports]
+        row_names = _csv(names) if names else None
+        if row_names is not None and len(row_names) != len(loaded):
+            raise ValueError(f"--names has {len(row_names)} names for {len(loaded)} reports")
+        base: int | str = int(baseline) if baseline.lstrip("-").isdigit() else baseline
+        comparison = build_comparison(loaded, baseline=base, attack=attack, eps=eps, names=row_names)
+    if json_out is not None and str(json_out) == "-":
+        typer.echo(json.dumps(comparison, indent=2))
+        return
+    typer.echo(format_comparison(comparison))
+    if json_out is not None:
+        json_out.write_text(json.dumps(comparison, indent=2))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="Where the SQLite file, the file store and the embedded broker live (embedded defaults).")] = Path("./var"),
+    worker: Annotated[bool, typer.Option(help="Also start a Celery worker process (off in compose, where workers are separate).")] = True,
+):
+    """Run the REST API (and, by default, an embedded Celery worker)."""
+    from service.runner import serve as run_server
+
+    run_server(host=host, port=port, data_dir=data_dir, with_worker=worker)
+
+
+@app.command("worker")
+def worker_command(
+    data_dir: Annotated[Path, typer.Option(help="Data directory for embedded defaults (ignored when ROBUSTACT_* URLs are set).")] = Path("./var"),
+):
+    """Run a Celery worker that executes training and evaluation jobs."""
+    from service.runner import run_worker
+
+    run_worker(data_dir=data_dir)
+
+
+if __name__ == "__main__":
+    app()

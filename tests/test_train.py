@@ -1,0 +1,144 @@
+"""Training objectives against their formulas; checkpoints, resume, cancellation."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from models.attacks import attack
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.config import AttackConfig, ConfigError, TrainConfig, preset_config
+from models.fusion import build_model
+from models.train import TrainingCancelled, cosine_lr, objective, train
+
+K = 3
+
+
+class TensorClips(torch.utils.data.Dataset):
+    """A few random clips with the attributes ``train`` reads from a ClipDataset."""
+
+    def __init__(self, cfg, n=8, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.rgb = torch.rand(n, 3, cfg.rgb_frames, cfg.rgb_size, cfg.rgb_size, generator=g)
+        self.skel = torch.rand(n, 3, cfg.skel_frames, cfg.joints, cfg.persons, generator=g)
+        self.labels = torch.arange(n) % K
+        self.class_names = [f"class {i}" for i in range(K)]
+        self.skel_min, self.skel_max = [-1.0, -1.0, 2.0], [1.0, 1.0, 4.0]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.rgb[i], self.skel[i], int(self.labels[i])
+
+
+FAST_ATTACK = AttackConfig(name="pgd", mode="RS", steps=2)
+
+
+def test_amr_objective_is_equation_12():
+    torch.manual_seed(0)
+    cfg = preset_config("tiny", num_classes=K, num_amr=2)
+    model = build_model(cfg).eval()  # eval: no dropout, so both computations see the same net
+    data = TensorClips(cfg, n=4)
+    rgb, skel, y = data.rgb, data.skel, data.labels
+    tc = TrainConfig(defence="amr", lam=0.7, attack=FAST_ATTACK)
+    loss, _ = objective(model, tc, rgb, skel, y, attack_seed=5)
+    adv = attack(model, rgb, skel, y, FAST_ATTACK, seed=5)
+    nat, out = model(rgb, skel), model(*adv)
+    aux = sum(F.cross_entropy(a, y) for a in out.aux) / 2
+    expected = F.cross_entropy(nat.logits, y) + 0.7 * (F.cross_entropy(out.logits, y) + aux)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("defence,mode", [("at-r", "R"), ("at-s", "S"), ("at-rs", "RS")])
+def test_madry_objective_uses_the_right_modalities(defence, mode):
+    torch.manual_seed(0)
+    cfg = preset_config("tiny", num_classes=K)
+    model = build_model(cfg).eval()
+    data = TensorClips(cfg, n=4)
+    tc = TrainConfig(defence=defence, attack=FAST_ATTACK)
+    loss, _ = objective(model, tc, data.rgb, data.skel, data.labels, attack_seed=3)
+    adv = attack(model, data.rgb, data.skel, data.labels, FAST_ATTACK.with_mode(mode), seed=3)
+    assert loss.item() == pytest.approx(F.cross_entropy(model(*adv).logits, data.labels).item(), rel=1e-5)
+
+
+def test_clean_objective_is_cross_entropy():
+    cfg = preset_config("tiny", num_classes=K)
+    model = build_model(cfg).eval()
+    data = TensorClips(cfg, n=4)
+    loss, _ = objective(model, TrainConfig(defence="none"), data.rgb, data.skel, data.labels, 0)
+    assert loss.item() == pytest.approx(F.cross_entropy(model(data.rgb, data.skel).logits, data.labels).item())
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0.01, 0, 80) == pytest.approx(0.01)
+    assert cosine_lr(0.01, 40, 80) == pytest.approx(0.005)
+    assert cosine_lr(0.01, 79, 80) < 1e-4
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(defence="magic")
+    assert e.value.field == "defence"
+    with pytest.raises(ConfigError) as e:
+        preset_config("tiny", num_amr=4)
+    assert e.value.field == "num_amr"
+    with pytest.raises(ConfigError) as e:
+        AttackConfig(eps_rgb=2.0)
+    assert e.value.field == "eps_rgb"
+
+
+def test_train_checkpoints_resumes_identically_and_loads_without_pickle(tmp_path):
+    cfg = preset_config("tiny", num_classes=K, num_amr=1)
+    data = TensorClips(cfg, n=8)
+    tc = TrainConfig(defence="amr", epochs=2, batch_size=4, attack=FAST_ATTACK)
+    epochs_seen = []
+    straight = train(cfg, tc, data, tmp_path / "a", preset="tiny", on_checkpoint=lambda p, e: epochs_seen.append(e))
+    assert epochs_seen == [1, 2]
+    assert [h["epoch"] for h in straight["history"]] == [1, 2]
+
+    # Interrupt after the first epoch's checkpoint, then resume.
+    calls = {"n": 0}
+
+    def stop_in_epoch_two():
+        calls["n"] += 1
+        return calls["n"] > 2  # two steps per epoch: stop at the first step of epoch 2
+
+    with pytest.raises(TrainingCancelled):
+        train(cfg, tc, data, tmp_path / "b", preset="tiny", should_stop=stop_in_epoch_two)
+    assert json.loads((tmp_path / "b" / "last" / "state.json").read_text())["epoch"] == 1
+    assert not (tmp_path / "b" / "model").exists(), "a cancelled run must not leave a final model"
+    resumed = train(cfg, tc, data, tmp_path / "b", preset="tiny")
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+
+    a = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+    model, meta = load_checkpoint(tmp_path / "a" / "model")
+    assert meta["class_names"] == data.class_names and meta["preset"] == "tiny"
+    assert meta["normalisation"]["skel_min"] == data.skel_min
+    assert meta["train"]["defence"] == "amr" and meta["model"]["num_amr"] == 1
+    assert len(model(data.rgb[:2], data.skel[:2]).aux) == 1
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    cfg = preset_config("tiny", num_classes=K)
+    data = TensorClips(cfg, n=4)
+    train(cfg, TrainConfig(defence="none", epochs=1, batch_size=4), data, tmp_path)
+    with pytest.raises(ValueError, match="another config"):
+        train(cfg, TrainConfig(defence="none", epochs=1, batch_size=4, lr=0.1), data, tmp_path)
+
+
+def test_load_checkpoint_errors_name_the_problem(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "robustact.checkpoint/v1", "model": {"arch": "fusion"}}))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(CheckpointError, match="unreadable weights"):
+        load_checkpoint(tmp_path)

@@ -156,6 +156,8 @@ def attack(model, rgb, skel, labels, cfg: AttackConfig, seed: int | None = None)
                 adv[k] = adv[k].detach().requires_grad_(True)
             logits = model(adv["rgb"], adv["skel"]).logits
             loss = _loss(cfg, logits, labels)
+            if not loss.requires_grad:  # the model ignores every attacked modality
+                break
             grads = torch.autograd.grad(loss, [adv[k] for k in active], allow_unused=True)
             with torch.no_grad():
                 for k, g in zip(active, grads):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import json
 import shutil
 import sys
@@ -74,8 +75,11 @@ def prepared(syn_root, tmp_path_factory):
     calls = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        meta = prepare(root, cache_dir, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES,
-                       progress=lambda done, total: calls.append((done, total)))
+        summary = prepare(root, cache_dir, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES,
+                          progress=lambda done, total: calls.append((done, total)))
+    meta = cache.load_meta(cache_dir)
+    assert summary == {**{k: v for k, v in meta.items() if k != "samples"},
+                       "cache_dir": str(cache_dir)}
     return cache_dir, meta, caught, calls
 
 
@@ -369,6 +373,18 @@ def test_read_video_samples_uniformly_and_crops_the_centre(tmp_path):
     assert out.shape == (3, 4, 16, 16)
     means = out.reshape(3, 4, -1).mean(axis=(0, 2))
     np.testing.assert_allclose(means, [0, 60, 120, 180], atol=6)  # frames 0, 3, 6, 9
+    # Matroska stores no frame count: the reader must count, then decode again.
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="matroska") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 32, 64, "yuv420p"
+        for frame in clip:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(io.BytesIO(buffer.getvalue())) as container:
+        assert container.streams.video[0].frames == 0
+    upload = read_video_bytes(buffer.getvalue(), 4, 16, name="clip.mkv")
+    np.testing.assert_allclose(upload.reshape(3, 4, -1).mean(axis=(0, 2)), means, atol=6)
 
 
 def test_unreadable_videos_raise_naming_the_file(tmp_path):

@@ -279,3 +279,9 @@ def test_paper_size_fusion_with_three_amrs_builds_with_the_reference_shapes():
     shapes = [(tuple(a.w_rgb.shape[1:]), tuple(a.w_skel.shape[1:])) for a in model.amrs]
     assert shapes == [((1024, 8, 7, 7), (256, 2, 2)), ((832, 8, 7, 7), (128, 4, 4)),
                       ((832, 16, 14, 14), (128, 8, 8))]
+
+
+def test_stride_one_same_max_pool_matches_explicit_minus_inf_padding():
+    x = -1.0 - torch.rand(1, 2, 3, 5, 5)
+    expected = F.max_pool3d(F.pad(x, (1, 1, 1, 1, 1, 1), value=float("-inf")), 3, 1)
+    assert torch.equal(MaxPool3dSame(3, 1)(x), expected)

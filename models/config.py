@@ -12,6 +12,7 @@ from typing import Any
 
 ARCHES = ("fusion", "rgb", "skeleton")
 DEFENCES = ("none", "at-r", "at-s", "at-rs", "amr")
+OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("fgsm", "pgd", "cw")
 MODES = ("R", "S", "RS")
 AMR_ACTIVATIONS = ("sigmoid", "identity")
@@ -164,6 +165,10 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # "sgd" is the paper's recipe. "adam" (HCN's original optimiser, use lr 1e-3) trains the
+    # skeleton branch far faster on small synthetic sets, where SGD at lr 0.01 leaves HCN
+    # near chance for tens of epochs.
+    optimizer: str = "sgd"
     attack: AttackConfig = field(default_factory=_default_train_attack)
     seed: int = 0
 
@@ -178,6 +183,8 @@ class TrainConfig:
             raise ConfigError("batch_size", "must be at least 1")
         if self.lr <= 0:
             raise ConfigError("lr", "must be positive")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError("optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     @property
     def attack_mode(self) -> str | None:

@@ -72,13 +72,12 @@ def _save_last(out_dir: Path, model, optimizer, state: dict[str, Any]) -> Path:
     tmp.mkdir(parents=True)
     save_file(state_tensors(model), str(tmp / "model.safetensors"))
     names = {id(p): n for n, p in model.named_parameters()}
-    momentum = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                momentum[names[id(p)]] = buf.detach().to("cpu").contiguous().clone()
-    save_file(momentum, str(tmp / "optimizer.safetensors"))
+    buffers = {}  # "<param name>::<state key>" → tensor (SGD momentum, Adam moments and step)
+    for p, state_of_p in optimizer.state.items():
+        for key, value in state_of_p.items():
+            if torch.is_tensor(value):
+                buffers[f"{names[id(p)]}::{key}"] = value.detach().to("cpu").contiguous().clone()
+    save_file(buffers, str(tmp / "optimizer.safetensors"))
     write_json(tmp / "state.json", state)
     replace_dir(tmp, final)
     return final
@@ -87,10 +86,12 @@ def _save_last(out_dir: Path, model, optimizer, state: dict[str, Any]) -> Path:
 def _load_last(last: Path, model, optimizer, device) -> dict[str, Any]:
     state = json.loads((last / "state.json").read_text())
     model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)))
-    momentum = load_file(str(last / "optimizer.safetensors"), device=str(device))
+    buffers = load_file(str(last / "optimizer.safetensors"))
     params = dict(model.named_parameters())
-    for name, buf in momentum.items():
-        optimizer.state[params[name]]["momentum_buffer"] = buf
+    for full_name, value in buffers.items():
+        name, key = full_name.split("::")
+        # Adam keeps its step counter on the CPU; everything else lives with the parameter.
+        optimizer.state[params[name]][key] = value if key == "step" else value.to(device)
     return state
 
 
@@ -114,8 +115,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
 
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum,
-                                weight_decay=train_cfg.weight_decay)
+    if train_cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum,
+                                    weight_decay=train_cfg.weight_decay)
     start_epoch, history = 0, []
     last = out_dir / LAST_DIR
     if resume and (last / "state.json").is_file():

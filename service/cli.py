@@ -79,7 +79,7 @@ def _ints(value: str, option: str) -> tuple[int, ...]:
 def data_synth(
     out: Annotated[Path, typer.Option(help="Dataset root to write (NTU layout: nturgb+d_skeletons/, nturgb+d_rgb/, classes.txt).")],
     classes: Annotated[int, typer.Option(help="Number of action classes (distinct parametric whole-body motions).")] = 6,
-    subjects: Annotated[str, typer.Option(help="Performer ids, comma-separated. X-Sub trains on 1,2,4,5,8,9,13,…; others are test.")] = "1,2,3,4",
+    subjects: Annotated[str, typer.Option(help="Performer ids, comma-separated. X-Sub trains on 1,2,4,5,8,9,13,…; others are test.")] = "1,2,3,4,5,6,7,8",
     cameras: Annotated[str, typer.Option(help="Camera ids (views), comma-separated. X-View trains on 2,3.")] = "1,2,3",
     replications: Annotated[str, typer.Option(help="Replication ids, comma-separated.")] = "1,2",
     frames: Annotated[int, typer.Option(help="Frames per clip.")] = 48,
@@ -146,6 +146,7 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 16,
     lr: Annotated[float, typer.Option(help="Initial SGD learning rate.")] = 0.01,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    optimizer: Annotated[str, typer.Option(help="sgd (the paper's recipe) or adam (HCN's original; use --lr 0.001). See README.")] = "sgd",
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 5e-4,
     attack_steps: Annotated[int, typer.Option(help="PGD steps of the inner maximisation.")] = 10,
     eps: Annotated[float, typer.Option(help="Training budget ε for both modalities, in 1/255 units.")] = 8.0,
@@ -157,7 +158,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
     resume: Annotated[bool, typer.Option(help="Resume from OUT/last/ when it exists.")] = True,
 ):
-    """Train a model with a defence; checkpoints every epoch and resumes from the last one."""
+    """Train a model with a defence (SGD, cosine annealing); checkpoints every epoch and resumes from the last one."""
     with _user_errors():
         from models.config import AttackConfig, ConfigError, TrainConfig, preset_config
         from models.train import train as run_training
@@ -171,7 +172,7 @@ def train(
                                   amr_activation=amr_activation, amr_init=amr_init)
         _check_sizes(dataset, model_cfg)
         train_cfg = TrainConfig(defence=defence, lam=lam, epochs=epochs, batch_size=batch_size, lr=lr,
-                                momentum=momentum, weight_decay=weight_decay, seed=seed,
+                                momentum=momentum, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                                 attack=AttackConfig(name="pgd", mode="RS", steps=attack_steps, eps_rgb=eps / 255,
                                                     eps_skel=eps / 255, alpha_rgb=alpha / 255, alpha_skel=alpha / 255))
         if protocol not in ("xsub", "xview"):

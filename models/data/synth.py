@@ -480,7 +480,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def synthesize(root: str | os.PathLike, num_classes: int = 6,
-               subjects: Sequence[int] = (1, 2, 3, 4), cameras: Sequence[int] = (1, 2, 3),
+               subjects: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8), cameras: Sequence[int] = (1, 2, 3),
                replications: Sequence[int] = (1, 2), frames: int = 48,
                video_size: tuple[int, int] = (96, 72), seed: int = 0,
                progress: Callable[[int, int], None] | None = None,
@@ -491,7 +491,7 @@ def synthesize(root: str | os.PathLike, num_classes: int = 6,
     setup 1 and action = class + 1. ``video_size`` is (width, height), both even.
     The result is a deterministic function of the arguments (``seed`` included).
 
-    Subjects 1, 2, 4 are X-Sub training subjects and 3 is not, so the default gives both
+    Subjects 1, 2, 4, 5, 8 are X-Sub training subjects and 3, 6, 7 are not, so the default gives both
     X-Sub splits; cameras 2, 3 train and 1 tests under X-View.
 
     ``empty_sample=True`` adds one extra sample (first subject and camera, replication

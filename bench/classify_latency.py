@@ -6,7 +6,7 @@ model is a tiny-preset fusion network with 3 AMRs (weights as initialised: laten
 not depend on them); the clip is a synthetic NTU-layout sample (32 frames of 64x48 AVI +
 its ``.skeleton`` file), uploaded as multipart like ``curl -F``.
 
-    python bench/classify_latency.py [--requests 40] [--clients 16]
+    python bench/classify_latency.py [--requests 40] [--clients 16] [--torch-threads N]
 
 The last line printed is one JSON object: p50_ms_1, p99_ms_1, p50_ms_16, p99_ms_16,
 bare_forward_ms, throughput_rps_1, throughput_rps_16, throughput_ratio_16_vs_1,
@@ -137,6 +137,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=40, help="requests per concurrency level")
     parser.add_argument("--clients", type=int, default=16, help="the concurrent level compared with 1")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="ROBUSTACT_API_TORCH_THREADS of the API (0: torch's default, one per core)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="robustact-bench-") as tmp:
@@ -144,7 +146,7 @@ def main() -> None:
         model_id, checkpoint, video, skeleton = setup(data_dir)
         port = free_port()
         env = {**os.environ, "ROBUSTACT_DATA_DIR": str(data_dir), "ROBUSTACT_SEED_DATASET": "false",
-               "PYTHONPATH": str(ROOT)}
+               "ROBUSTACT_API_TORCH_THREADS": str(args.torch_threads), "PYTHONPATH": str(ROOT)}
         server = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
                                    "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                                   env=env, cwd=ROOT)
@@ -162,11 +164,15 @@ def main() -> None:
                 time.sleep(0.1)
             run_clients(url, model_id, video, skeleton, 1, 3)  # load the model, warm up
             lat1, wall1 = run_clients(url, model_id, video, skeleton, 1, args.requests)
-            per_client = max(1, round(args.requests / args.clients))
+            per_client = max(3, round(args.requests / args.clients))
             lat16, wall16 = run_clients(url, model_id, video, skeleton, args.clients, per_client)
         finally:
             server.terminate()
             server.wait(30)
+        if args.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
         bare = bare_forward_ms(checkpoint, video, skeleton, repeats=args.requests)
 
     result = {
@@ -175,7 +181,7 @@ def main() -> None:
         "bare_forward_ms": round(bare, 2),
         "throughput_rps_1": round(len(lat1) / wall1, 2), "throughput_rps_16": round(len(lat16) / wall16, 2),
         "clients": args.clients, "requests_1": len(lat1), "requests_16": len(lat16),
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "torch_threads": args.torch_threads,
     }
     result["throughput_ratio_16_vs_1"] = round(result["throughput_rps_16"] / result["throughput_rps_1"], 2)
     result["overhead_ratio_p50_1"] = round(result["p50_ms_1"] / bare, 2)

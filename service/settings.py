@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     max_upload_mb: float = 64.0
     # Torch device for workers and classify: "auto" (CUDA when present), "cpu", "cuda:1", ...
     device: str = "auto"
+    # Intra-op torch threads (0: torch's default, one per core). The API serves requests in
+    # parallel, so one thread per request is the right grain there; OpenMP threads that wait
+    # for each other on a CPU shared with other busy processes can make a forward pass 100x
+    # slower. Workers train one job at a time and use every core by default.
+    api_torch_threads: int = 1
+    worker_torch_threads: int = 0
     # Trained models kept in memory by the API process for classify.
     model_cache_size: int = 4
     # A running job whose heartbeat is older than this is declared lost (seconds).
@@ -59,11 +65,6 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
-
-    @property
-    def tmp_dir(self) -> Path:
-        """Temporary files of uploads; always emptied after each request."""
-        return self.data_dir / "tmp"
 
     @property
     def cache_dir(self) -> Path:

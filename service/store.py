@@ -11,6 +11,7 @@ registered in the database by the caller, so a half-uploaded checkpoint is never
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -47,28 +48,10 @@ class FileStore:
         return self.root / _clean_key(key)
 
     def put_file(self, key: str, source: str | Path) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-                shutil.copyfileobj(src, out, CHUNK)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _copy_atomic(open(source, "rb"), self._path(key))
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _copy_atomic(io.BytesIO(data), self._path(key))
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -255,6 +238,27 @@ def open_store(url: str, endpoint_url: str | None = None, region: str | None = N
     raise StoreError(f"{url}: unsupported store scheme {parsed.scheme!r} (use file:// or s3://)")
 
 
+def materialize_dir(store: Store, prefix: str, target: str | Path) -> Path:
+    """A local copy of the directory ``prefix/`` at ``target``, downloaded once: the files
+    go to a sibling temp directory that is renamed into place when complete."""
+    target = Path(target)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        if not _download_dir(store, prefix, tmp):
+            raise ObjectNotFound(prefix)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent download that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _iter_file(handle: BinaryIO, chunk_size: int) -> Iterator[bytes]:
     try:
         while chunk := handle.read(chunk_size):
@@ -264,15 +268,18 @@ def _iter_file(handle: BinaryIO, chunk_size: int) -> Iterator[bytes]:
 
 
 def _copy_atomic(handle: BinaryIO, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, handle:
-            shutil.copyfileobj(handle, out, CHUNK)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Copy ``handle`` (closed afterwards) to ``target`` through a temp file in the same
+    directory and a rename: readers see the old file or the whole new one."""
+    with handle:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(handle, out, CHUNK)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _put_dir(store: Store, prefix: str, directory: str | Path) -> list[str]:

@@ -1,0 +1,220 @@
+"""/v1/jobs: submit training and evaluation jobs, follow them, cancel or retry them.
+
+A job is validated completely here (configs resolved through ``models.config``, so a bad
+value is a 422 naming the field before anything is queued), written as a ``queued`` row,
+and only then sent to the broker with its id. The worker owns it from there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NoReturn
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from models.config import AttackConfig, ConfigError, TrainConfig, preset_config
+from models.evaluate import build_suite
+from service.api.datasets import dataset_or_404
+from service.api.deps import CeleryDep, SessionDep, StoreDep, get_or_404, invalid, not_found
+from service.db import FINISHED, Dataset, Job, Model, Report, utcnow
+from service.schemas import (EvaluateJobCreate, JobCreate, JobList, JobOutputs, JobPublic, JobStatus, JobTimings,
+                             Links, TrainJobCreate)
+from service.store import ObjectNotFound
+from worker.celery_app import TASK_FOR_KIND
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# Fields of the engine's configs → where they sit in the request body.
+_CONFIG_FIELDS = {
+    "eps_rgb": ("attack", "eps"), "eps_skel": ("attack", "eps"), "alpha_rgb": ("attack", "alpha"),
+    "alpha_skel": ("attack", "alpha"), "steps": ("attack", "steps"), "name": ("attack", "name"),
+}
+
+
+def _seconds(a, b) -> float | None:
+    return (b - a).total_seconds() if a and b else None
+
+
+def job_public(job: Job, model_id: str | None = None, report_id: str | None = None) -> JobPublic:
+    links: dict[str, str] = {"self": f"/v1/jobs/{job.id}", "log": f"/v1/jobs/{job.id}/log"}
+    if job.status in ("queued", "running"):
+        links["cancel"] = f"/v1/jobs/{job.id}/cancel"
+    if job.status in ("failed", "cancelled"):
+        links["retry"] = f"/v1/jobs/{job.id}/retry"
+    if job.dataset_id:
+        links["dataset"] = f"/v1/datasets/{job.dataset_id}"
+    if model_id:
+        links["model"] = f"/v1/models/{model_id}"
+    if report_id:
+        links["report"] = f"/v1/reports/{report_id}"
+    if job.kind == "evaluate" and job.model_id:
+        links["evaluated_model"] = f"/v1/models/{job.model_id}"
+    end = job.finished_at or (utcnow() if job.status == "running" else None)
+    return JobPublic(
+        id=job.id, kind=job.kind, status=job.status, dataset_id=job.dataset_id, model_id=job.model_id,
+        params=job.params, progress=job.progress, error=job.error, cancel_requested=job.cancel_requested,
+        attempts=job.attempts, worker=job.worker,
+        timings=JobTimings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+                           heartbeat_at=job.heartbeat_at,
+                           queued_seconds=_seconds(job.created_at, job.started_at or job.finished_at),
+                           running_seconds=_seconds(job.started_at, end)),
+        outputs=JobOutputs(model_id=model_id, report_id=report_id), links=Links(**links))
+
+
+def _outputs(session: Session, job_ids: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    if not job_ids:
+        return {}, {}
+    models = dict(session.execute(select(Model.job_id, Model.id).where(Model.job_id.in_(job_ids))).all())
+    reports = dict(session.execute(select(Report.job_id, Report.id).where(Report.job_id.in_(job_ids))).all())
+    return models, reports
+
+
+def _public(session: Session, job: Job) -> JobPublic:
+    models, reports = _outputs(session, [job.id])
+    return job_public(job, models.get(job.id), reports.get(job.id))
+
+
+def _config_error(e: ConfigError) -> NoReturn:
+    invalid(_CONFIG_FIELDS.get(e.field, (e.field,)), e.message)
+
+
+def _train_params(session: Session, body: TrainJobCreate) -> tuple[dict[str, Any], Dataset]:
+    dataset = dataset_or_404(session, body.dataset_id)
+    protocol = body.protocol or dataset.protocol
+    if not dataset.info["splits"][protocol]["train"]:
+        invalid("protocol", f"dataset {dataset.name!r} has no training sample under {protocol}", protocol)
+    num_amr = body.num_amr if body.num_amr is not None else (3 if body.defence == "amr" else 0)
+    try:
+        model_cfg = preset_config(body.preset, arch=body.arch, num_classes=len(dataset.info["class_names"]),
+                                  num_amr=num_amr)
+        attack = AttackConfig(name=body.attack.name, mode="RS", steps=body.attack.steps,
+                              eps_rgb=body.attack.eps / 255, eps_skel=body.attack.eps / 255,
+                              alpha_rgb=body.attack.alpha / 255, alpha_skel=body.attack.alpha / 255,
+                              random_start=body.attack.random_start)
+        train_cfg = TrainConfig(defence=body.defence, lam=body.lam, epochs=body.epochs, batch_size=body.batch_size,
+                                lr=body.lr, attack=attack, seed=body.seed)
+    except ConfigError as e:
+        _config_error(e)
+    params = {"request": body.model_dump(mode="json"), "name": body.name, "preset": body.preset,
+              "protocol": protocol, "max_samples": body.max_samples, "model_config": model_cfg.to_dict(),
+              "train_config": train_cfg.to_dict()}
+    return params, dataset
+
+
+def _evaluate_params(session: Session, body: EvaluateJobCreate) -> tuple[dict[str, Any], Dataset, Model]:
+    model = session.get(Model, body.model_id)
+    if model is None:
+        not_found("model", body.model_id)
+    dataset_id = body.dataset_id or model.dataset_id
+    if dataset_id is None:
+        invalid("dataset_id", f"model {model.id!r} has no training dataset on record; name one")
+    dataset = dataset_or_404(session, dataset_id)
+    model_classes = model.config.get("class_names") or []
+    if len(model_classes) != len(dataset.info["class_names"]):
+        invalid("dataset_id", f"dataset {dataset.name!r} has {len(dataset.info['class_names'])} classes, model "
+                              f"{model.name!r} was trained on {len(model_classes)}", dataset_id)
+    protocol = body.protocol or dataset.protocol
+    if not dataset.info["splits"][protocol][body.split]:
+        invalid("split", f"dataset {dataset.name!r} has no {body.split} sample under {protocol}", body.split)
+    try:
+        suite = build_suite(body.attacks, modes=list(body.modes), eps=list(body.eps), alpha=body.alpha,
+                            random_start=body.random_start)
+    except ConfigError as e:
+        invalid({"eps_rgb": "eps", "eps_skel": "eps", "alpha_rgb": "alpha", "alpha_skel": "alpha"}
+                .get(e.field, e.field if e.field in EvaluateJobCreate.model_fields else "attacks"), e.message)
+    params = {"request": body.model_dump(mode="json"), "protocol": protocol, "split": body.split,
+              "suite": [c.to_dict() for c in suite], "batch_size": body.batch_size, "seed": body.seed,
+              "max_samples": body.max_samples}
+    return params, dataset, model
+
+
+def _enqueue(session: Session, celery, job: Job) -> None:
+    """Send the job's id to the broker; a broker failure fails the row and answers 503."""
+    try:
+        celery.send_task(TASK_FOR_KIND[job.kind], args=[job.id])
+    except Exception as e:
+        session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(
+            status="failed", error=f"could not queue the job: {type(e).__name__}: {e}", finished_at=utcnow()))
+        session.commit()
+        raise HTTPException(status_code=503, detail=f"the job broker is unreachable ({type(e).__name__}: {e}); "
+                                                    f"job {job.id} was marked failed")
+
+
+@router.post("", status_code=202, response_model=JobPublic)
+def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep, response: Response):
+    if isinstance(body, TrainJobCreate):
+        params, dataset = _train_params(session, body)
+        job = Job(kind="train", status="queued", params=params, dataset_id=dataset.id)
+    else:
+        params, dataset, model = _evaluate_params(session, body)
+        job = Job(kind="evaluate", status="queued", params=params, dataset_id=dataset.id, model_id=model.id)
+    session.add(job)
+    session.commit()
+    _enqueue(session, celery, job)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_public(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(session: SessionDep, status: JobStatus | None = None, kind: Literal["train", "evaluate"] | None = None,
+              dataset_id: str | None = None, model_id: str | None = None,
+              limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+    query = select(Job)
+    for column, value in ((Job.status, status), (Job.kind, kind), (Job.dataset_id, dataset_id),
+                          (Job.model_id, model_id)):
+        if value is not None:
+            query = query.where(column == value)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+    models, reports = _outputs(session, [j.id for j in jobs])
+    return JobList(items=[job_public(j, models.get(j.id), reports.get(j.id)) for j in jobs], total=total,
+                   limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep):
+    return _public(session, get_or_404(session, Job, job_id, "job"))
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep):
+    """A queued job is cancelled at once; a running one stops at the worker's next step."""
+    job = get_or_404(session, Job, job_id, "job")
+    if job.status in FINISHED:
+        raise HTTPException(status_code=409, detail=f"job {job_id!r} already {job.status}")
+    now = utcnow()
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+        status="cancelled", cancel_requested=True, finished_at=now))
+    if result.rowcount != 1:  # it started meanwhile: ask the worker
+        session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
+    session.commit()
+    session.refresh(job)
+    return _public(session, job)
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=JobPublic)
+def retry_job(job_id: str, session: SessionDep, celery: CeleryDep):
+    """Queue a failed or cancelled job again; training resumes from its last epoch."""
+    job = get_or_404(session, Job, job_id, "job")
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(("failed", "cancelled"))).values(
+        status="queued", cancel_requested=False, error=None, finished_at=None, heartbeat_at=None))
+    if result.rowcount != 1:
+        raise HTTPException(status_code=409, detail=f"job {job_id!r} is {job.status}; only failed or cancelled "
+                                                    "jobs can be retried")
+    session.commit()
+    session.refresh(job)
+    _enqueue(session, celery, job)
+    return _public(session, job)
+
+
+@router.get("/{job_id}/log", response_class=StreamingResponse)
+def get_job_log(job_id: str, session: SessionDep, store: StoreDep):
+    get_or_404(session, Job, job_id, "job")
+    try:
+        chunks = store.stream(f"jobs/{job_id}/job.log")
+    except ObjectNotFound:
+        raise HTTPException(status_code=404, detail=f"job {job_id!r} has no log yet (written when it finishes)")
+    return StreamingResponse(chunks, media_type="text/plain; charset=utf-8")
+

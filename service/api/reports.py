@@ -1,0 +1,109 @@
+"""/v1/reports: robustness reports (``robustact.report/v1`` JSON, stored as written by the
+worker) and Table-2 comparisons with RI against a chosen baseline (``models.report``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import Response
+from sqlalchemy import select
+
+from models.report import ReportError, compare, format_comparison, report_name, validate_report
+from service.api.deps import SessionDep, StoreDep, get_or_404, invalid
+from service.db import Report
+from service.schemas import CompareRequest, Links, ReportList, ReportPublic
+from service.store import ObjectNotFound, Store
+
+router = APIRouter(prefix="/v1/reports", tags=["reports"])
+
+
+def report_public(row: Report) -> ReportPublic:
+    links = {"self": f"/v1/reports/{row.id}"}
+    if row.model_id:
+        links["model"] = f"/v1/models/{row.model_id}"
+    if row.job_id:
+        links["job"] = f"/v1/jobs/{row.job_id}"
+    return ReportPublic(id=row.id, name=row.name, job_id=row.job_id, model_id=row.model_id,
+                        dataset_id=row.dataset_id, created_at=row.created_at, links=Links(**links))
+
+
+def _document(store: Store, row: Report) -> bytes:
+    try:
+        return store.get_bytes(row.artifact_key)
+    except ObjectNotFound:
+        raise HTTPException(status_code=503, detail=f"report {row.id!r}: its document is missing from the store")
+
+
+@router.get("", response_model=ReportList)
+def list_reports(session: SessionDep, model_id: str | None = None, dataset_id: str | None = None):
+    query = select(Report).order_by(Report.created_at)
+    if model_id is not None:
+        query = query.where(Report.model_id == model_id)
+    if dataset_id is not None:
+        query = query.where(Report.dataset_id == dataset_id)
+    return ReportList(items=[report_public(r) for r in session.scalars(query).all()])
+
+
+def _comparison(session, store: Store, ids: list[str], documents: list[dict], baseline: str | None, attack: str,
+                eps: float | None, where: str) -> dict:
+    """Table 2 over stored reports (by id) followed by inline documents (CLI reports)."""
+    rows = [get_or_404(session, Report, i, "report") for i in ids]
+    reports = [json.loads(_document(store, r)) for r in rows]
+    names = [f"{r.name} ({r.id[:8]})" for r in rows]
+    for i, document in enumerate(documents):
+        try:
+            validate_report(document, source=f"reports[{i}]")
+        except ReportError as e:
+            invalid("reports", str(e), where=where)
+        reports.append(document)
+        names.append(report_name(document))
+    if not reports:
+        invalid("ids" if where == "query" else "report_ids", "name at least one report", where=where)
+    candidates = ids + names[len(ids):]
+    base = baseline if baseline is not None else candidates[0]
+    if base not in candidates:
+        invalid("baseline", f"the baseline {base!r} must be the id (or, for an inline report, the model name) of "
+                            "one of the compared reports", base, where=where)
+    try:
+        table = compare(reports, baseline=candidates.index(base), attack=attack, eps=eps, names=names)
+    except ReportError as e:
+        invalid("attack", str(e), attack, where=where)
+    table["report_ids"] = ids
+    return table
+
+
+@router.get("/compare")
+def compare_reports(session: SessionDep, store: StoreDep,
+                    ids: list[str] = Query(..., description="report ids (repeat ids=… or comma-separate)"),
+                    baseline: str | None = Query(None, description="id of the baseline report (default: the first)"),
+                    attack: str = Query("PGD20", description="attack label of the table, e.g. PGD20, FGSM, CW30"),
+                    eps: float | None = Query(None, ge=0, le=255, description="budget in 1/255 units, if several"),
+                    format: Literal["json", "text"] = "json"):
+    """Table-2 layout: ✓RS, ✗R, ✗S, ✗RS, Avg and RI against ``baseline`` for each report."""
+    wanted = [i for part in ids for i in part.split(",") if i]
+    table = _comparison(session, store, wanted, [], baseline, attack, eps, where="query")
+    if format == "text":
+        return Response(format_comparison(table) + "\n", media_type="text/plain; charset=utf-8")
+    return table
+
+
+@router.post("/compare")
+def compare_reports_body(body: CompareRequest, session: SessionDep, store: StoreDep):
+    """The same table from a JSON body; ``reports`` may add report documents written by
+    the CLI (``robustact evaluate``) to the stored ones."""
+    return _comparison(session, store, body.report_ids, body.reports, body.baseline, body.attack, body.eps,
+                       where="body")
+
+
+@router.get("/{report_id}", responses={200: {"description": "the robustact.report/v1 document"}})
+def get_report(report_id: str, session: SessionDep, store: StoreDep):
+    """The report document itself, exactly as the worker (or the CLI) wrote it."""
+    row = get_or_404(session, Report, report_id, "report")
+    return Response(_document(store, row), media_type="application/json")
+
+
+@router.get("/{report_id}/meta", response_model=ReportPublic)
+def get_report_meta(report_id: str, session: SessionDep):
+    return report_public(get_or_404(session, Report, report_id, "report"))

@@ -1,0 +1,146 @@
+"""Process entry points behind ``robustact serve`` and ``robustact worker``.
+
+``serve`` is the embedded, no-servers setup of ``make run``: it migrates the database,
+makes a small synthetic dataset available (first start only), starts one real Celery
+worker subprocess on the configured broker (by default kombu's SQLAlchemy transport on a
+SQLite file under ``data_dir``), runs the API with uvicorn, and stops the worker on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import select
+
+from service.db import Dataset, make_engine, make_sessionmaker, migrate
+from service.settings import Settings
+
+log = logging.getLogger("robustact.runner")
+
+SEED_DATASET = "synthetic-small"
+# Small enough to synthesize in seconds and train the tiny preset for an epoch in about a
+# minute on 2 CPU cores: 5 classes x 4 subjects (3 train, 1 test under X-Sub) x 3 cameras.
+SEED_SPEC = dict(num_classes=5, subjects=(1, 2, 3, 4), cameras=(1, 2, 3), replications=(1,), frames=32,
+                 video_size=(64, 48), seed=0)
+WORKER_STOP_TIMEOUT_S = 20
+
+
+def _settings(data_dir: str | Path | None) -> Settings:
+    settings = Settings(data_dir=Path(data_dir)) if data_dir is not None else Settings()
+    # Child processes (the worker) and anything reading Settings() later see the same values.
+    os.environ.update(settings.as_env())
+    return settings
+
+
+def ensure_seed_dataset(settings: Settings) -> str | None:
+    """Synthesize ``synthetic-small`` under ``data_dir/datasets`` and register it, unless a
+    dataset of that name exists. With an s3:// store the files are uploaded there too, so
+    workers on other hosts can read them. Returns the dataset id (None if it existed)."""
+    from models.data.synth import synthesize
+    from service.api.datasets import register_dataset
+    from service.schemas import DatasetCreate
+    from service.store import FileStore, open_store
+
+    engine = make_engine(settings.database_url)
+    try:
+        sessions = make_sessionmaker(engine)
+        with sessions() as session:
+            if session.scalar(select(Dataset.id).where(Dataset.name == SEED_DATASET)):
+                return None
+            root = settings.data_dir / "datasets" / SEED_DATASET
+            if not (root / "classes.txt").is_file():
+                log.info("synthesizing %s into %s", SEED_DATASET, root)
+                synthesize(root, **SEED_SPEC)
+            location = str(root)
+            store = open_store(settings.store_url, settings.s3_endpoint_url, settings.s3_region)
+            if not isinstance(store, FileStore):
+                store.put_dir(f"datasets/{SEED_DATASET}", root)
+                location = f"{store.url}/datasets/{SEED_DATASET}"
+            row = register_dataset(session, DatasetCreate(name=SEED_DATASET, format="synthetic", location=location,
+                                                          protocol="xsub"), settings)
+            log.info("registered dataset %s (%s) at %s", SEED_DATASET, row.id, location)
+            return row.id
+    finally:
+        engine.dispose()
+
+
+def worker_command(hostname: str | None = None, loglevel: str = "INFO") -> list[str]:
+    """The command line of one worker: solo pool, one task at a time."""
+    from worker.celery_app import QUEUE
+
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
+            "--concurrency", "1", "--queues", QUEUE, "--loglevel", loglevel,
+            "--hostname", hostname or f"robustact-{os.getpid()}@%h",
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
+def start_worker(settings: Settings, hostname: str | None = None, loglevel: str = "INFO",
+                 log_file: str | Path | None = None) -> subprocess.Popen:
+    """Start a Celery worker subprocess with ``settings`` in its environment."""
+    project_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, **settings.as_env()}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    out = open(log_file, "ab") if log_file else None
+    try:
+        return subprocess.Popen(worker_command(hostname, loglevel), env=env, cwd=project_root,
+                                stdout=out, stderr=subprocess.STDOUT if out else None)
+    finally:
+        if out:
+            out.close()
+
+
+def stop_worker(process: subprocess.Popen, timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
+    """Warm shutdown (SIGTERM: finish or abandon the current step), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str | Path | None = None,
+          with_worker: bool = True) -> None:
+    """Run the API (and, with ``with_worker``, one embedded Celery worker) until interrupted.
+
+    ``data_dir`` holds the SQLite file, the file store, the embedded broker and caches
+    (default: ``ROBUSTACT_DATA_DIR`` or ``./var``); the URL settings override its parts.
+    """
+    import uvicorn
+
+    from service.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    settings = _settings(data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings.database_url)
+    if settings.seed_dataset:
+        ensure_seed_dataset(settings)
+    worker = start_worker(settings) if with_worker else None
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        if worker is not None:
+            stop_worker(worker)
+
+
+def run_worker(data_dir: str | Path | None = None, loglevel: str = "INFO", hostname: str | None = None) -> None:
+    """Run one Celery worker in this process (``robustact worker``) until interrupted:
+    solo pool, prefetch 1, acks late, CUDA when present. Settings from ``ROBUSTACT_*``."""
+    settings = _settings(data_dir)
+    migrate(settings.database_url)
+    from worker.celery_app import app, broker_transport_options
+
+    app.conf.update(broker_url=settings.broker_url,
+                    broker_transport_options=broker_transport_options(settings.broker_url))
+    app.worker_main(argv=worker_command(hostname, loglevel)[5:])

@@ -1,0 +1,225 @@
+"""Request and response bodies of the REST API (``XCreate`` in, ``XPublic`` out).
+
+Units: ε and α are given in 1/255 of the [0, 1] input range, like the paper (``eps: 8``
+means 8/255); accuracies are percentages.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.config import ARCHES, DEFENCES, MODES, PRESETS
+
+Defence = Literal[DEFENCES]  # type: ignore[valid-type]
+Arch = Literal[ARCHES]  # type: ignore[valid-type]
+Mode = Literal[MODES]  # type: ignore[valid-type]
+Preset = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+Protocol = Literal["xsub", "xview"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Eps255 = Annotated[float, Field(ge=0, le=255, description="L-inf budget in 1/255 units (8 means 8/255)")]
+
+
+class Links(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    self: str
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class DatasetCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      examples=["ntu60-xsub"])
+    format: Literal["ntu60", "synthetic"] = Field(
+        description="ntu60: the NTU RGB+D 60 release layout; synthetic: a dataset written by "
+                    "`robustact data synth` (same layout plus classes.txt)")
+    location: str = Field(min_length=1, description="a directory path the workers can read, or s3://bucket/prefix",
+                          examples=["/data/ntu60", "s3://datasets/ntu60"])
+    protocol: Protocol = Field("xsub", description="train/test split used by jobs on this dataset")
+
+
+class SplitCounts(BaseModel):
+    train: int
+    test: int
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    name: str
+    format: str
+    location: str
+    protocol: str
+    num_classes: int
+    class_names: list[str]
+    num_samples: int
+    splits: dict[str, SplitCounts] = Field(description="sample counts per protocol and split")
+    incomplete_samples: int = Field(description="samples with a skeleton but no video or the reverse (skipped)")
+    created_at: dt.datetime
+    links: Links
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetPublic]
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class AttackRecipe(BaseModel):
+    """The inner maximisation of adversarial training (multimodal PGD by default)."""
+
+    name: Literal["pgd", "fgsm", "cw"] = "pgd"
+    steps: int = Field(10, ge=1, le=1000)
+    eps: Eps255 = 8.0
+    alpha: float = Field(2.0, gt=0, le=255, description="step size in 1/255 units")
+    random_start: bool = True
+
+
+class TrainJobCreate(BaseModel):
+    kind: Literal["train"]
+    dataset_id: str = Field(description="id or name of the dataset")
+    name: str | None = Field(None, max_length=200, description="name of the model (default: defence-jobid)")
+    defence: Defence = "amr"
+    arch: Arch = "fusion"
+    num_amr: int | None = Field(None, ge=0, le=3, description="AMR modules; default 3 for amr, else 0")
+    lam: float = Field(1.0, ge=0, description="λ, weight of the AMR loss (eq. 12)")
+    preset: Preset = "tiny"
+    epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(16, ge=1, le=1024)
+    lr: float = Field(0.01, gt=0, le=10)
+    attack: AttackRecipe = AttackRecipe()
+    seed: int = Field(0, ge=0)
+    protocol: Protocol | None = Field(None, description="default: the dataset's protocol")
+    max_samples: int | None = Field(None, ge=1, description="train on a class-balanced subset of this size")
+
+
+class EvaluateJobCreate(BaseModel):
+    kind: Literal["evaluate"]
+    model_id: str
+    dataset_id: str | None = Field(None, description="id or name; default: the dataset the model was trained on")
+    split: Literal["train", "test"] = "test"
+    protocol: Protocol | None = None
+    attacks: list[str] = Field(["fgsm", "pgd20"], min_length=1, description="fgsm, pgdK or cwK (e.g. pgd20, cw30)")
+    modes: list[Mode] = Field(list(MODES), min_length=1)
+    eps: list[Eps255] = Field([8.0], min_length=1)
+    alpha: float = Field(2.0, gt=0, le=255, description="PGD/CW step size in 1/255 units")
+    random_start: bool = True
+    batch_size: int = Field(16, ge=1, le=1024)
+    seed: int = Field(0, ge=0)
+    max_samples: int | None = Field(None, ge=1, description="evaluate a class-balanced subset of this size")
+
+
+JobCreate = Annotated[TrainJobCreate | EvaluateJobCreate, Field(discriminator="kind")]
+
+
+class JobOutputs(BaseModel):
+    model_id: str | None = None
+    report_id: str | None = None
+
+
+class JobTimings(BaseModel):
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    heartbeat_at: dt.datetime | None
+    queued_seconds: float | None
+    running_seconds: float | None
+
+
+class JobPublic(BaseModel):
+    id: str
+    kind: str
+    status: JobStatus
+    dataset_id: str | None
+    model_id: str | None = Field(description="the evaluated model (evaluation jobs)")
+    params: dict[str, Any] = Field(description="the request and the fully resolved configs")
+    progress: dict[str, Any] | None
+    error: str | None
+    cancel_requested: bool
+    attempts: int
+    worker: str | None
+    timings: JobTimings
+    outputs: JobOutputs
+    links: Links
+
+
+class JobList(BaseModel):
+    items: list[JobPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ModelPublic(BaseModel):
+    id: str
+    name: str
+    job_id: str | None
+    dataset_id: str | None
+    created_at: dt.datetime
+    preset: str | None
+    arch: str
+    defence: str | None
+    num_amr: int
+    num_classes: int
+    class_names: list[str]
+    config: dict[str, Any] = Field(description="the checkpoint's config.json")
+    files: list[str]
+    report_ids: list[str]
+    links: Links
+
+
+class ModelList(BaseModel):
+    items: list[ModelPublic]
+
+
+class ClassPrediction(BaseModel):
+    index: int
+    name: str
+    probability: float
+
+
+class ClassifyTimings(BaseModel):
+    decode: float
+    model_load: float
+    inference: float
+    total: float
+
+
+class ClassifyResult(BaseModel):
+    model_id: str
+    top: list[ClassPrediction]
+    timings_ms: ClassifyTimings
+    inputs: dict[str, Any] = Field(description="what was decoded: frames, sizes, bodies")
+
+
+# --------------------------------------------------------------------------- reports
+
+
+class ReportPublic(BaseModel):
+    id: str
+    name: str
+    job_id: str | None
+    model_id: str | None
+    dataset_id: str | None
+    created_at: dt.datetime
+    links: Links
+
+
+class ReportList(BaseModel):
+    items: list[ReportPublic]
+
+
+class CompareRequest(BaseModel):
+    report_ids: list[str] = Field([], description="ids of stored reports")
+    reports: list[dict[str, Any]] = Field([], description="report documents (robustact.report/v1), e.g. from the CLI")
+    baseline: str | None = Field(None, description="id of the baseline report, or the model name of an inline one; "
+                                                   "default: the first")
+    attack: str = Field("PGD20", description="attack label of the table: PGD20, FGSM, CW30, ...")
+    eps: float | None = Field(None, ge=0, le=255, description="budget in 1/255 units, when a report has several")

@@ -1,0 +1,148 @@
+"""Fixtures of the service tests: settings for the two backends, a live API (uvicorn in a
+thread) with real Celery worker subprocesses, and small synthetic data.
+
+Backends:
+* ``embedded`` — SQLite + ``file://`` store + kombu's SQLAlchemy transport on SQLite;
+* ``servers``  — Postgres + Redis + S3 (moto), started on loopback by ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from service.runner import start_worker, stop_worker
+from service.settings import Settings
+
+# One torch thread per process: the API, the workers and the test runner share two cores,
+# where OpenMP threads waiting on each other can make a step 50x slower.
+TEST_SETTINGS = dict(heartbeat_interval_s=0.5, heartbeat_timeout_s=20.0, seed_dataset=False, device="cpu",
+                     api_torch_threads=1, worker_torch_threads=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads():
+    """The in-process API sets torch's thread count; give the next test module its own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def fresh_postgres_database(base_url: str) -> str:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    admin.dispose()
+    return base_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def make_settings(backend: str, data_dir: Path, request: pytest.FixtureRequest, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {**TEST_SETTINGS, "data_dir": data_dir, **overrides}
+    if backend == "servers":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        bucket = request.getfixturevalue("s3_bucket")("artifacts")
+        values.update(database_url=fresh_postgres_database(request.getfixturevalue("postgres_url")),
+                      broker_url=request.getfixturevalue("redis_url"), store_url=f"s3://{bucket}/robustact",
+                      s3_endpoint_url=endpoint)
+    return Settings(**values)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveService:
+    """The API on a loopback port plus the worker subprocesses started for it."""
+
+    settings: Settings
+    url: str
+    client: httpx.Client
+    workers: list = field(default_factory=list)
+
+    def start_worker(self, **overrides: Any):
+        settings = self.settings.model_copy(update=overrides) if overrides else self.settings
+        log_file = self.settings.data_dir / f"worker-{len(self.workers)}.log"
+        process = start_worker(settings, hostname=f"test-{len(self.workers)}-{uuid.uuid4().hex[:6]}@%h",
+                               log_file=log_file)
+        self.workers.append(process)
+        return process
+
+    def worker_logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-6000:] for p in sorted(self.settings.data_dir.glob("worker-*.log")))
+
+    def wait_job(self, job_id: str, until: Callable[[dict], bool] | None = None, timeout: float = 180) -> dict:
+        """Poll a job until ``until(job)`` (default: it finished)."""
+        until = until or (lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.client.get(f"/v1/jobs/{job_id}").json()
+            if until(job):
+                return job
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}\n"
+                                     f"{self.worker_logs()}")
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def live_service(tmp_path, request) -> Iterator[Callable[..., LiveService]]:
+    """Factory ``live_service(backend, workers=1, **settings)``: the API in a thread of this
+    process (uvicorn) and real Celery worker subprocesses; all stopped afterwards."""
+    import uvicorn
+
+    from service.app import create_app
+
+    started: list[tuple[LiveService, uvicorn.Server, threading.Thread]] = []
+
+    def make(backend: str = "embedded", workers: int = 1, **overrides: Any) -> LiveService:
+        settings = make_settings(backend, tmp_path / f"data-{backend}", request, **overrides)
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                               log_level="warning", lifespan="on"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        service = LiveService(settings, f"http://127.0.0.1:{port}",
+                              httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60))
+        started.append((service, server, thread))
+        for _ in range(workers):
+            service.start_worker()
+        return service
+
+    yield make
+    for service, server, thread in started:
+        for process in service.workers:
+            stop_worker(process, timeout=15)
+        service.client.close()
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset: 3 classes x 4 subjects (X-Sub: 3 train, 1 test) x 2 cameras."""
+    from models.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synthetic") / "tiny3"
+    synthesize(root, num_classes=3, subjects=(1, 2, 3, 4), cameras=(1, 2), replications=(1,), frames=16,
+               video_size=(32, 32), seed=1)
+    return root

@@ -1,0 +1,148 @@
+"""End to end over HTTP, on both backends, with a real Celery worker process:
+register a synthetic dataset → train (tiny, 1 epoch, AMR) → evaluate (FGSM + PGD in R, S,
+RS) → fetch the report and a comparison → classify an uploaded clip."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+
+from models.data import ntu
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _register(svc, backend, root, s3_bucket=None) -> dict:
+    location = str(root)
+    if backend == "servers":
+        # A dataset that lives in S3 too: the worker downloads it once into its cache.
+        from service.store import open_store
+
+        bucket = s3_bucket("datasets")
+        open_store(f"s3://{bucket}/tiny3", endpoint_url=svc.settings.s3_endpoint_url).put_dir("", root)
+        location = f"s3://{bucket}/tiny3"
+    r = svc.client.post("/v1/datasets", json={"name": "tiny3", "format": "synthetic", "location": location})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("backend", ["embedded", "servers"])
+def test_train_evaluate_report_classify(backend, live_service, synthetic_root, request):
+    t0 = time.monotonic()
+    svc = live_service(backend)
+    c = svc.client
+    assert c.get("/healthz").json() == {"status": "ok"}
+    ready = c.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert set(ready.json()["checks"]) == {"database", "broker", "store"}
+
+    dataset = _register(svc, backend, synthetic_root,
+                        request.getfixturevalue("s3_bucket") if backend == "servers" else None)
+    assert dataset["num_classes"] == 3 and dataset["class_names"] == ntu.class_names(synthetic_root)
+    assert dataset["splits"]["xsub"] == {"train": 18, "test": 6}
+    assert c.get(f"/v1/datasets/{dataset['id']}").json()["id"] == dataset["id"]
+    assert c.get("/v1/datasets/tiny3").json()["id"] == dataset["id"]  # by name too
+
+    r = c.post("/v1/jobs", json={"kind": "train", "dataset_id": "tiny3", "defence": "amr", "num_amr": 1,
+                                 "preset": "tiny", "epochs": 1, "batch_size": 6, "attack": {"steps": 2},
+                                 "name": "amr-tiny"})
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+    assert r.json()["status"] == "queued"
+    train = svc.wait_job(r.json()["id"])
+    assert train["status"] == "succeeded", (train, svc.worker_logs())
+    assert train["attempts"] == 1 and train["progress"]["phase"] == "done"
+    assert train["timings"]["running_seconds"] > 0
+    assert train["params"]["model_config"]["num_amr"] == 1
+    model_id = train["outputs"]["model_id"]
+    t_train = time.monotonic()
+
+    model = c.get(f"/v1/models/{model_id}").json()
+    assert model["name"] == "amr-tiny" and model["num_amr"] == 1 and model["defence"] == "amr"
+    assert sorted(model["files"]) == ["config.json", "model.safetensors"]
+    config = c.get(f"/v1/models/{model_id}/files/config.json")
+    assert config.status_code == 200 and config.json()["class_names"] == dataset["class_names"]
+    weights = c.get(f"/v1/models/{model_id}/files/model.safetensors")
+    assert weights.status_code == 200 and len(weights.content) > 1000
+    if backend == "servers":
+        presigned = c.get(f"/v1/models/{model_id}/files/config.json", params={"presign": True},
+                          follow_redirects=False)
+        assert presigned.status_code == 307
+        import httpx
+
+        assert httpx.get(presigned.headers["location"]).json() == config.json()
+
+    r = c.post("/v1/jobs", json={"kind": "evaluate", "model_id": model_id, "attacks": ["fgsm", "pgd3"],
+                                 "modes": ["R", "S", "RS"], "eps": [8], "batch_size": 6})
+    assert r.status_code == 202, r.text
+    evaluation = svc.wait_job(r.json()["id"])
+    assert evaluation["status"] == "succeeded", (evaluation, svc.worker_logs())
+    report_id = evaluation["outputs"]["report_id"]
+    t_eval = time.monotonic()
+
+    report = c.get(f"/v1/reports/{report_id}").json()
+    assert report["schema"] == "robustact.report/v1"
+    assert report["dataset"]["num_samples"] == 6 and report["dataset"]["split"] == "test"
+    assert {a["label"] for a in report["attacks"]} == {"FGSM", "PGD3"}
+    for entry in report["attacks"]:
+        assert set(entry["modes"]) == {"R", "S", "RS"}
+        for result in entry["modes"].values():
+            assert 0 <= result["accuracy"] <= 100
+    assert c.get(f"/v1/models/{model_id}").json()["report_ids"] == [report_id]
+    listed = c.get("/v1/reports", params={"model_id": model_id}).json()["items"]
+    assert [x["id"] for x in listed] == [report_id]
+
+    table = c.get("/v1/reports/compare", params={"ids": [report_id, report_id], "baseline": report_id,
+                                                "attack": "PGD3"})
+    assert table.status_code == 200, table.text
+    rows = table.json()["rows"]
+    assert len(rows) == 2 and rows[0]["ri"] == 0.0
+    text = c.get("/v1/reports/compare", params={"ids": report_id, "attack": "FGSM", "format": "text"})
+    assert "RI against" in text.text
+    cli_copy = {**report, "model": {**report["model"], "name": "cli-copy"}}  # as `robustact evaluate` writes
+    r = c.post("/v1/reports/compare", json={"report_ids": [report_id], "reports": [cli_copy], "attack": "FGSM"})
+    assert r.status_code == 200, r.text
+    assert [row["ri"] for row in r.json()["rows"]] == [0.0, 0.0] and r.json()["rows"][1]["name"] == "cli-copy"
+
+    sample = "S001C001P003R001A002"  # subject 3: a test-split clip of class 2
+    video = (synthetic_root / ntu.RGB_DIR / f"{sample}{ntu.VIDEO_SUFFIX}").read_bytes()
+    skeleton = (synthetic_root / ntu.SKELETON_DIR / f"{sample}{ntu.SKELETON_SUFFIX}").read_bytes()
+    r = c.post(f"/v1/models/{model_id}/classify", data={"top_k": "2"},
+               files={"video": (f"{sample}_rgb.avi", video, "application/octet-stream"),
+                      "skeleton": (f"{sample}.skeleton", skeleton, "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert len(result["top"]) == 2 and result["top"][0]["probability"] >= result["top"][1]["probability"]
+    assert result["top"][0]["name"] in dataset["class_names"]
+    assert result["timings_ms"]["total"] > 0 and result["inputs"]["skeleton"]["joints"] == 25
+
+    # The same clip as a T×V×3 .npy (first body) gives a valid answer too.
+    array = ntu.read_skeleton_text(skeleton.decode(), sample)[..., 0]
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    r = c.post(f"/v1/models/{model_id}/classify",
+               files={"video": ("clip.avi", video, "video/x-msvideo"),
+                      "skeleton": ("clip.npy", buffer.getvalue(), "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["top"]) == 3
+
+    log = c.get(f"/v1/jobs/{train['id']}/log")
+    assert log.status_code == 200 and "attempt 1" in log.text
+    jobs = c.get("/v1/jobs", params={"status": "succeeded", "limit": 1}).json()
+    assert jobs["total"] == 2 and len(jobs["items"]) == 1 and jobs["items"][0]["kind"] == "evaluate"
+
+    if backend == "servers":  # artefacts are in S3 and rows in Postgres, nothing registered half-way
+        from service.store import open_store
+
+        store = open_store(svc.settings.store_url, svc.settings.s3_endpoint_url)
+        keys = store.list("")
+        assert f"models/{model_id}/model.safetensors" in keys
+        assert f"reports/{report_id}/report.json" in keys
+        assert not [k for k in keys if "/last-" in k]  # epoch checkpoints removed after success
+        assert json.loads(store.get_bytes(f"reports/{report_id}/report.json")) == report
+    print(f"\n[{backend}] train {t_train - t0:.1f}s, evaluate {t_eval - t_train:.1f}s, "
+          f"total {time.monotonic() - t0:.1f}s")

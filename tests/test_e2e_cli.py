@@ -47,7 +47,10 @@ def test_synth_train_evaluate_compare(cache, tmp_path):
         clean = report["clean"]["accuracy"]
         pgd = [a for a in report["attacks"] if a["label"] == "PGD5"][0]
         assert set(pgd["modes"]) == {"R", "S", "RS"}
-        assert all(0 <= pgd["modes"][m]["accuracy"] <= clean + 1e-9 for m in ("R", "S", "RS")), "robust > clean"
+        # PGD maximises the loss of the true class, so it may at most rarely turn a wrong
+        # prediction into a right one: allow one clip of slack, no more.
+        one_clip = 100.0 / report["dataset"]["num_samples"]
+        assert all(0 <= pgd["modes"][m]["accuracy"] <= clean + one_clip + 1e-9 for m in ("R", "S", "RS")), "robust > clean"
         assert len(report["clean"]["per_class"]) == 3
         reports.append(report_path)
     amr = json.loads(reports[1].read_text())

@@ -11,7 +11,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 ARCHES = ("fusion", "rgb", "skeleton")
-DEFENCES = ("none", "at-r", "at-s", "at-rs", "amr")
+DEFENCES = ("none", "at-r", "at-s", "at-rs", "amr", "minsim", "exfmem", "minsim-exfmem")
+# Tian & Xu (CVPR 2021) baselines: defences that add the MinSim term / build ExFMem banks.
+MINSIM_DEFENCES = ("minsim", "minsim-exfmem")
+EXFMEM_DEFENCES = ("exfmem", "minsim-exfmem")
+# Bank entries per modality when a defence uses ExFMem and ModelConfig.exfmem_size is 0.
+EXFMEM_DEFAULT_SIZE = 512
 OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("fgsm", "pgd", "cw")
 MODES = ("R", "S", "RS")
@@ -61,6 +66,14 @@ class ModelConfig:
     # matches the 0.31-0.49 means of its Table 3. "identity" with init 1.0 starts as a no-op.
     amr_activation: str = "sigmoid"
     amr_init: float = 0.0
+    # ExFMem (Tian & Xu 2021), fusion arch only: N training features per modality kept as
+    # buffers (0 = no memory banks); at inference each pooled feature is sparse-coded over
+    # its bank by `exfmem_steps` ISTA iterations with L1 weight `exfmem_lambda` (on the
+    # unit-normalised feature) and mixed back as a·Dh + (1-a)·f with a = `exfmem_mix`.
+    exfmem_size: int = 0
+    exfmem_lambda: float = 0.05
+    exfmem_mix: float = 0.5
+    exfmem_steps: int = 20
 
     def __post_init__(self):
         if self.arch not in ARCHES:
@@ -75,6 +88,16 @@ class ModelConfig:
             raise ConfigError("amr_activation", f"must be one of {AMR_ACTIVATIONS}")
         if self.i3d_width <= 0:
             raise ConfigError("i3d_width", "must be positive")
+        if self.exfmem_size < 0:
+            raise ConfigError("exfmem_size", "must be >= 0")
+        if self.exfmem_size and self.arch != "fusion":
+            raise ConfigError("exfmem_size", "ExFMem needs the two-stream fusion model")
+        if self.exfmem_lambda < 0:
+            raise ConfigError("exfmem_lambda", "must be >= 0")
+        if not 0 <= self.exfmem_mix <= 1:
+            raise ConfigError("exfmem_mix", "must be in [0, 1]")
+        if self.exfmem_steps < 1:
+            raise ConfigError("exfmem_steps", "must be at least 1")
         for name in ("rgb_frames", "rgb_size", "skel_frames", "joints", "persons"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, "must be positive")
@@ -85,6 +108,24 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         return _from_dict(cls, data)
+
+
+def resolve_model_config(model_cfg: ModelConfig, train_cfg: "TrainConfig") -> ModelConfig:
+    """Check that a model config fits a defence and fill the defaults the defence implies.
+
+    MinSim and ExFMem need the fusion arch (two modality features). A defence using ExFMem
+    gets ``exfmem_size = EXFMEM_DEFAULT_SIZE`` when the model config leaves it at 0; memory
+    banks without such a defence are refused (nothing would fill them).
+    """
+    defence = train_cfg.defence
+    if defence in MINSIM_DEFENCES + EXFMEM_DEFENCES and model_cfg.arch != "fusion":
+        raise ConfigError("arch", f"defence {defence!r} needs the two-stream fusion model")
+    if defence in EXFMEM_DEFENCES:
+        if not model_cfg.exfmem_size:
+            model_cfg = dataclasses.replace(model_cfg, exfmem_size=EXFMEM_DEFAULT_SIZE)
+    elif model_cfg.exfmem_size:
+        raise ConfigError("exfmem_size", f"memory banks need defence exfmem or minsim-exfmem, not {defence!r}")
+    return model_cfg
 
 
 # Input geometry and width per preset. "tiny" is sized for 2 CPU cores: PGD-10 adversarial
@@ -171,6 +212,11 @@ class TrainConfig:
     optimizer: str = "sgd"
     attack: AttackConfig = field(default_factory=_default_train_attack)
     seed: int = 0
+    # MinSim (defences minsim, minsim-exfmem): weight β of the batch-mean cosine similarity
+    # of the two modalities' features, compared after fixed random projections to
+    # `minsim_dim` dimensions (see models/baselines.py).
+    minsim_beta: float = 1.0
+    minsim_dim: int = 128
 
     def __post_init__(self):
         if self.defence not in DEFENCES:
@@ -185,11 +231,16 @@ class TrainConfig:
             raise ConfigError("lr", "must be positive")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError("optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.minsim_beta < 0:
+            raise ConfigError("minsim_beta", "must be >= 0")
+        if self.minsim_dim < 1:
+            raise ConfigError("minsim_dim", "must be at least 1")
 
     @property
     def attack_mode(self) -> str | None:
-        """Modalities attacked by the inner maximisation, or None for clean training."""
-        return {"none": None, "at-r": "R", "at-s": "S", "at-rs": "RS", "amr": "RS"}[self.defence]
+        """Modalities attacked by the inner maximisation, or None for clean training
+        (MinSim and ExFMem train on clean inputs, as in Tian & Xu)."""
+        return {"none": None, "at-r": "R", "at-s": "S", "at-rs": "RS", "amr": "RS"}.get(self.defence)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .amr import AMR
+from .baselines import ExFMem
 from .config import AMR_PAIRS, ModelConfig
 from .hcn import HCN
 from .i3d import I3D
@@ -63,6 +64,12 @@ class ActionNet(nn.Module):
         if cfg.arch == "fusion":
             self.dropout = nn.Dropout(cfg.dropout)
             self.classifier = nn.Linear(self.i3d.num_features + self.hcn.num_features, k)
+        # ExFMem memory banks (buffers, filled by ``models.train`` after training; identity
+        # until then).
+        self.exfmem = None
+        if cfg.exfmem_size:
+            self.exfmem = ExFMem(cfg.exfmem_size, self.i3d.num_features, self.hcn.num_features,
+                                 lam=cfg.exfmem_lambda, mix=cfg.exfmem_mix, steps=cfg.exfmem_steps)
 
         # W_R and W_s take the full feature shapes at the configured input geometry; both
         # trunks know their shapes analytically (no dry run, so even the paper-size model
@@ -104,14 +111,20 @@ class ActionNet(nn.Module):
         aux = [amr.classify(pooled_rgb[i], pooled_skel[i]) for i, amr in enumerate(self.amrs)]
         return f_rgb, f_skel, aux
 
+    def classify(self, f_rgb: torch.Tensor, f_skel: torch.Tensor) -> torch.Tensor:
+        """Fusion arch: logits from the two pooled features of ``forward_features``, through
+        the ExFMem banks when they are built, then dropout and the FC classifier."""
+        if self.exfmem is not None:
+            f_rgb, f_skel = self.exfmem(f_rgb, f_skel)
+        return self.classifier(self.dropout(torch.cat([f_rgb, f_skel], dim=1)))
+
     def forward(self, rgb: torch.Tensor, skel: torch.Tensor) -> ModelOutput:
         if self.cfg.arch == "rgb":
             return ModelOutput(self.i3d(rgb), [])
         if self.cfg.arch == "skeleton":
             return ModelOutput(self.hcn(skel), [])
         f_rgb, f_skel, aux = self.forward_features(rgb, skel)
-        logits = self.classifier(self.dropout(torch.cat([f_rgb, f_skel], dim=1)))
-        return ModelOutput(logits, aux)
+        return ModelOutput(self.classify(f_rgb, f_skel), aux)
 
     # -- inspection
 

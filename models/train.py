@@ -9,6 +9,10 @@ Objectives, per mini-batch (x_R, x_s, y):
 * ``amr`` — eq. 12: L = CE(ŷ, y) + λ·L_AMR, ŷ = f(x_R, x_s) on natural inputs and
   L_AMR = CE(y', y) + (1/S)·Σ_i CE(y*_i, y) on the adversarial inputs (eq. 11), y*_i the
   auxiliary prediction of AMR i. With S = 0 the auxiliary term is absent.
+* ``minsim`` / ``minsim-exfmem`` — Tian & Xu's dissimilarity constraint on clean inputs:
+  CE(f(x_R, x_s), y) + β·mean_b cos(P_R f_R, P_s f_s) (``models.baselines``).
+* ``exfmem`` — clean cross-entropy; ``exfmem`` and ``minsim-exfmem`` then fill the model's
+  ExFMem memory banks with training features after the last epoch (``build_memory_banks``).
 
 The inner maximisation runs with the model in eval mode (see ``models.attacks``).
 """
@@ -29,7 +33,8 @@ from torch.utils.data import DataLoader
 
 from .attacks import attack
 from .checkpoint import replace_dir, resolve_device, save_checkpoint, state_tensors, write_json
-from .config import ModelConfig, TrainConfig
+from .baselines import minsim_similarity
+from .config import EXFMEM_DEFENCES, MINSIM_DEFENCES, ModelConfig, TrainConfig, resolve_model_config
 from .fusion import build_model
 
 LAST_DIR = "last"
@@ -44,6 +49,11 @@ def objective(model, train_cfg: TrainConfig, rgb, skel, labels, attack_seed: int
     """Loss of one mini-batch under ``train_cfg.defence``; returns (loss, logits used for
     the training accuracy)."""
     mode = train_cfg.attack_mode
+    if train_cfg.defence in MINSIM_DEFENCES:
+        f_rgb, f_skel, _ = model.forward_features(rgb, skel)
+        logits = model.classify(f_rgb, f_skel)
+        similarity = minsim_similarity(f_rgb, f_skel, train_cfg.minsim_dim)
+        return F.cross_entropy(logits, labels) + train_cfg.minsim_beta * similarity, logits
     if mode is None:
         out = model(rgb, skel)
         return F.cross_entropy(out.logits, labels), out.logits
@@ -57,6 +67,25 @@ def objective(model, train_cfg: TrainConfig, rgb, skel, labels, attack_seed: int
     if adversarial.aux:
         loss_amr = loss_amr + sum(F.cross_entropy(a, labels) for a in adversarial.aux) / len(adversarial.aux)
     return F.cross_entropy(natural.logits, labels) + train_cfg.lam * loss_amr, natural.logits
+
+
+@torch.no_grad()
+def build_memory_banks(model, dataset, *, seed: int = 0, batch_size: int = 16, device=None) -> int:
+    """Fill ``model.exfmem`` with the clean pooled features of up to ``exfmem_size`` training
+    clips (a seeded random subset, model in eval mode); returns the number stored."""
+    size = model.exfmem.size
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size].tolist()
+    loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size, shuffle=False)
+    was_training = model.training
+    model.eval()
+    rgb_feats, skel_feats = [], []
+    for rgb, skel, _ in loader:
+        f_rgb, f_skel, _ = model.forward_features(rgb.to(device), skel.to(device))
+        rgb_feats.append(f_rgb)
+        skel_feats.append(f_skel)
+    model.exfmem.build(torch.cat(rgb_feats), torch.cat(skel_feats))
+    model.train(was_training)
+    return int(model.exfmem.count)
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -110,6 +139,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
+    model_cfg = resolve_model_config(model_cfg, train_cfg)
     if model_cfg.num_classes != len(dataset.class_names):
         raise ValueError(f"num_classes {model_cfg.num_classes} != {len(dataset.class_names)} classes in the dataset")
 
@@ -170,6 +200,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
             on_checkpoint(saved, epoch + 1)
         emit({"phase": "epoch", "epochs": train_cfg.epochs, **record})
 
+    extra = {}
+    if train_cfg.defence in EXFMEM_DEFENCES:
+        extra["exfmem"] = {"bank_size": build_memory_banks(model, dataset, seed=train_cfg.seed,
+                                                           batch_size=train_cfg.batch_size, device=device)}
+
     meta = {
         "model": model_cfg.to_dict(),
         "preset": preset,
@@ -181,6 +216,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
         "history": history,
         "dataset": {"protocol": getattr(dataset, "protocol", None), "split": getattr(dataset, "split", None),
                     "num_samples": len(dataset)},
+        **extra,
     }
     model_dir = out_dir / MODEL_DIR
     save_checkpoint(model_dir, model, meta)

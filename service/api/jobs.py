@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from models.config import AttackConfig, ConfigError, TrainConfig, preset_config
+from models.config import AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
 from models.evaluate import build_suite
 from service.api.datasets import dataset_or_404
 from service.api.deps import CeleryDep, SessionDep, StoreDep, get_or_404, invalid, not_found
@@ -95,6 +95,7 @@ def _train_params(session: Session, body: TrainJobCreate) -> tuple[dict[str, Any
                               random_start=body.attack.random_start)
         train_cfg = TrainConfig(defence=body.defence, lam=body.lam, epochs=body.epochs, batch_size=body.batch_size,
                                 lr=body.lr, attack=attack, seed=body.seed)
+        model_cfg = resolve_model_config(model_cfg, train_cfg)  # ExFMem bank size, fusion-only defences
     except ConfigError as e:
         _config_error(e)
     params = {"request": body.model_dump(mode="json"), "name": body.name, "preset": body.preset,

@@ -19,13 +19,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/robustact serve --host 127.0.0.1 --port 8000 --data-dir ./var
 
-# The integration tests start their own Postgres and redis-server on loopback: install the
-# Debian packages when they are missing (needs root, as on CI and the dev machines).
+# The integration tests start their own Postgres and redis-server on loopback, and load the
+# HTML report in headless Chromium: install the Debian packages when they are missing (needs
+# root, as on CI and the dev machines).
 sysdeps:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v redis-server >/dev/null; then \
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v redis-server >/dev/null \
+	    || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql redis-server >/dev/null; \
-	  else echo "install the Debian packages postgresql and redis-server (as root) and re-run"; exit 1; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql redis-server chromium chromium-driver >/dev/null; \
+	  else echo "install the Debian packages postgresql, redis-server, chromium and chromium-driver (as root) and re-run"; exit 1; fi; \
 	fi
 
 test: $(STAMP) sysdeps

@@ -139,7 +139,8 @@ def train(
     out: Annotated[Path, typer.Option(help="Run directory: last/ (per-epoch checkpoint for resume) and model/ (final checkpoint).")],
     preset: Annotated[str, typer.Option(help="Network size and input geometry: tiny (CPU-sized) or paper (full I3D, 64×224×224).")] = "tiny",
     arch: Annotated[str, typer.Option(help="fusion (RGB + skeleton), rgb (unimodal I3D) or skeleton (unimodal HCN).")] = "fusion",
-    defence: Annotated[str, typer.Option(help="none, at-r, at-s, at-rs (Madry AT on ✗R/✗S/✗RS) or amr (eq. 12).")] = "amr",
+    defence: Annotated[str, typer.Option(help="none, at-r, at-s, at-rs (Madry AT on ✗R/✗S/✗RS), amr (eq. 12), or the "
+                                              "Tian & Xu baselines minsim, exfmem, minsim-exfmem (clean training; fusion only).")] = "amr",
     num_amr: Annotated[int, typer.Option(help="Number of AMRs, 0-3, counted back from the classifier (only with defence amr).")] = 3,
     lam: Annotated[float, typer.Option(help="λ of eq. 12 (weight of the AMR loss).")] = 1.0,
     epochs: Annotated[int, typer.Option(help="Epochs (cosine annealing over this many; the paper uses 80 on NTU).")] = 80,
@@ -153,6 +154,12 @@ def train(
     alpha: Annotated[float, typer.Option(help="PGD step size α, in 1/255 units.")] = 2.0,
     amr_activation: Annotated[str, typer.Option(help="AMR weight parametrisation: sigmoid (W = σ(θ)) or identity (W = θ).")] = "sigmoid",
     amr_init: Annotated[Optional[float], typer.Option(help="Initial θ of the AMR weights (default 0 for sigmoid, 1 for identity).")] = None,
+    minsim_beta: Annotated[float, typer.Option(help="MinSim: weight β of the batch-mean cross-modal cosine similarity.")] = 1.0,
+    minsim_dim: Annotated[int, typer.Option(help="MinSim: common dimension of the fixed random projections of both features.")] = 128,
+    exfmem_size: Annotated[int, typer.Option(help="ExFMem: training features kept per modality (memory bank size).")] = 512,
+    exfmem_lambda: Annotated[float, typer.Option(help="ExFMem: L1 weight λ of the ISTA sparse coding (unit-norm features).")] = 0.05,
+    exfmem_mix: Annotated[float, typer.Option(help="ExFMem: mix a of a·Dh + (1−a)·f.")] = 0.5,
+    exfmem_steps: Annotated[int, typer.Option(help="ExFMem: ISTA iterations K.")] = 20,
     protocol: Annotated[str, typer.Option(help="Split protocol: xsub or xview.")] = "xsub",
     seed: Annotated[int, typer.Option(help="Seed for initialisation, shuffling and attack starts.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
@@ -160,7 +167,7 @@ def train(
 ):
     """Train a model with a defence (SGD, cosine annealing); checkpoints every epoch and resumes from the last one."""
     with _user_errors():
-        from models.config import AttackConfig, ConfigError, TrainConfig, preset_config
+        from models.config import EXFMEM_DEFENCES, AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
         from models.train import train as run_training
 
         if defence != "amr" and num_amr:
@@ -169,12 +176,16 @@ def train(
             amr_init = 0.0 if amr_activation == "sigmoid" else 1.0
         dataset = _open_dataset(data, protocol, "train")
         model_cfg = preset_config(preset, arch=arch, num_classes=len(dataset.class_names), num_amr=num_amr,
-                                  amr_activation=amr_activation, amr_init=amr_init)
+                                  amr_activation=amr_activation, amr_init=amr_init,
+                                  exfmem_size=exfmem_size if defence in EXFMEM_DEFENCES else 0,
+                                  exfmem_lambda=exfmem_lambda, exfmem_mix=exfmem_mix, exfmem_steps=exfmem_steps)
         _check_sizes(dataset, model_cfg)
         train_cfg = TrainConfig(defence=defence, lam=lam, epochs=epochs, batch_size=batch_size, lr=lr,
                                 momentum=momentum, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                                 attack=AttackConfig(name="pgd", mode="RS", steps=attack_steps, eps_rgb=eps / 255,
-                                                    eps_skel=eps / 255, alpha_rgb=alpha / 255, alpha_skel=alpha / 255))
+                                                    eps_skel=eps / 255, alpha_rgb=alpha / 255, alpha_skel=alpha / 255),
+                                minsim_beta=minsim_beta, minsim_dim=minsim_dim)
+        model_cfg = resolve_model_config(model_cfg, train_cfg)
         if protocol not in ("xsub", "xview"):
             raise ConfigError("protocol", "must be xsub or xview")
         typer.echo(f"training {arch} ({preset}) with defence={defence} num_amr={num_amr} on {len(dataset)} clips")
@@ -293,6 +304,40 @@ def worker_command(
     from service.runner import run_worker
 
     run_worker(data_dir=data_dir)
+
+
+@app.command()
+def report(
+    reports: Annotated[list[Path], typer.Argument(help="Report JSON files (from `robustact evaluate` or the API).")],
+    out: Annotated[Path, typer.Option(help="HTML page to write (self-contained: inline SVG figures, no scripts).")] = Path("report.html"),
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the views (robustact.views/v1) as JSON here ('-' for stdout).")] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="Table-2 baseline: an index into REPORTS or a row name (default: the undefended model, else the first).")] = None,
+    attack: Annotated[Optional[str], typer.Option(help="Attack of Table 2, e.g. PGD20, CW30, FGSM (default: PGD20 when present, else the first).")] = None,
+    eps: Annotated[Optional[float], typer.Option(help="Table-2 budget ε (1/255 units) when a report holds several.")] = None,
+    names: Annotated[Optional[str], typer.Option(help="Comma-separated row names (default: the reports' model names).")] = None,
+    title: Annotated[str, typer.Option(help="Page title.")] = "robustact report",
+):
+    """Figures and tables of the paper (Fig. 2, Tables 1-3, Fig. 4) from reports, as one HTML page."""
+    with _user_errors():
+        from models.report import load_report
+        from models.views import build_views, views_html
+
+        loaded = [load_report(p) for p in reports]
+        row_names = _csv(names) if names else None
+        base: int | str | None = None
+        if baseline is not None:
+            base = int(baseline) if baseline.lstrip("-").isdigit() else baseline
+        views = build_views(loaded, baseline=base, attack=attack, eps=eps, names=row_names)
+        page = views_html(views, title=title)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page, encoding="utf-8")
+    if json_out is not None and str(json_out) == "-":
+        typer.echo(json.dumps(views, indent=2))
+    elif json_out is not None:
+        json_out.write_text(json.dumps(views, indent=2))
+        typer.echo(f"views written to {json_out}")
+    if str(json_out) != "-":
+        typer.echo(f"page written to {out}")
 
 
 if __name__ == "__main__":

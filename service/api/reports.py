@@ -1,5 +1,6 @@
 """/v1/reports: robustness reports (``robustact.report/v1`` JSON, stored as written by the
-worker) and Table-2 comparisons with RI against a chosen baseline (``models.report``)."""
+worker), Table-2 comparisons with RI against a chosen baseline (``models.report``) and the
+paper's figures and tables as JSON or one HTML page (``models.views``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import json
 from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 
 from models.report import ReportError, compare, format_comparison, report_name, validate_report
+from models.views import attack_labels, build_views, render_html
 from service.api.deps import SessionDep, StoreDep, get_or_404, invalid
 from service.db import Report
 from service.schemas import CompareRequest, Links, ReportList, ReportPublic
@@ -97,6 +99,50 @@ def compare_reports_body(body: CompareRequest, session: SessionDep, store: Store
                        where="body")
 
 
+# The page is self-contained: no scripts, nothing fetched (also said by a <meta> in the page).
+HTML_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
+
+
+def _html(page: str) -> HTMLResponse:
+    return HTMLResponse(page, headers=HTML_HEADERS)
+
+
+@router.get("/view", responses={200: {"content": {"text/html": {}},
+                                      "description": "robustact.views/v1 JSON, or the HTML page"}})
+def report_views(session: SessionDep, store: StoreDep,
+                 ids: list[str] = Query(..., description="report ids (repeat ids=… or comma-separate)"),
+                 baseline: str | None = Query(None, description="id of the Table-2 baseline report (default: the "
+                                                                "undefended model, else the first)"),
+                 attack: str | None = Query(None, description="attack label of Table 2 (default: PGD20 when "
+                                                              "present, else the first label)"),
+                 eps: float | None = Query(None, ge=0, le=255, description="Table-2 budget in 1/255 units, if several"),
+                 title: str = Query("robustact report", max_length=200),
+                 format: Literal["json", "html"] = "json"):
+    """Figure 2 (accuracy vs ε), Table 1 (modal robustness with the unimodal baselines),
+    Table 2 (Avg and RI against ``baseline``), Table 3 and Figure 4 (AMR weights) of the
+    stored reports, as a ``robustact.views/v1`` document or a self-contained HTML page."""
+    wanted = [i for part in ids for i in part.split(",") if i]
+    if not wanted:
+        invalid("ids", "name at least one report", where="query")
+    rows = [get_or_404(session, Report, i, "report") for i in wanted]
+    reports = [json.loads(_document(store, r)) for r in rows]
+    names = [f"{r.name} ({r.id[:8]})" for r in rows]
+    base = None
+    if baseline is not None:
+        if baseline not in wanted:
+            invalid("baseline", f"the baseline {baseline!r} must be the id of one of the reports", baseline,
+                    where="query")
+        base = wanted.index(baseline)
+    if attack is not None and attack.lower() not in {a.lower() for a in attack_labels(reports)}:
+        invalid("attack", f"no report has {attack} results (labels: {', '.join(attack_labels(reports)) or 'none'})",
+                attack, where="query")
+    if format == "html":
+        return _html(render_html(reports, baseline=base, attack=attack, eps=eps, title=title, names=names))
+    views = build_views(reports, baseline=base, attack=attack, eps=eps, names=names)
+    views["report_ids"] = wanted
+    return views
+
+
 @router.get("/{report_id}", responses={200: {"description": "the robustact.report/v1 document"}})
 def get_report(report_id: str, session: SessionDep, store: StoreDep):
     """The report document itself, exactly as the worker (or the CLI) wrote it."""
@@ -107,3 +153,11 @@ def get_report(report_id: str, session: SessionDep, store: StoreDep):
 @router.get("/{report_id}/meta", response_model=ReportPublic)
 def get_report_meta(report_id: str, session: SessionDep):
     return report_public(get_or_404(session, Report, report_id, "report"))
+
+
+@router.get("/{report_id}/html", response_class=HTMLResponse)
+def get_report_html(report_id: str, session: SessionDep, store: StoreDep):
+    """One report's figures and tables as a self-contained HTML page (no scripts, inline SVG)."""
+    row = get_or_404(session, Report, report_id, "report")
+    report = json.loads(_document(store, row))
+    return _html(render_html([report], title=f"Report {row.name} ({row.id[:8]})", names=[row.name]))

@@ -6,6 +6,7 @@ skeletons and arrays that do not fit the model (422 naming the problem)."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -99,6 +100,7 @@ def _loc(response: httpx.Response) -> list[str]:
     ("GET", "/v1/jobs/nope"), ("GET", "/v1/jobs/nope/log"), ("POST", "/v1/jobs/nope/cancel"),
     ("POST", "/v1/jobs/nope/retry"), ("GET", "/v1/models/nope"), ("GET", "/v1/models/nope/files/config.json"),
     ("GET", "/v1/reports/nope"), ("GET", "/v1/reports/nope/meta"), ("GET", "/v1/reports/compare?ids=nope"),
+    ("GET", "/v1/reports/nope/html"), ("GET", "/v1/reports/view?ids=nope"),
     ("GET", "/v1/datasets/nope"), ("DELETE", "/v1/datasets/nope"), ("POST", "/v1/models/nope/classify"),
 ])
 def test_unknown_ids_are_404(api, unchanged, method, path):
@@ -398,6 +400,57 @@ def test_compare_inline_reports_reproduces_the_papers_ri(api, unchanged):
     assert r.status_code == 422 and _loc(r) == ["body", "report_ids"]
     r = api.post("/v1/reports/compare", json={"report_ids": ["nope"]})
     assert r.status_code == 404
+
+
+def _store_report(api, document: dict) -> str:
+    """A report row and its document, stored the way the worker stores them."""
+    from service.db import new_id
+
+    report_id = new_id()
+    key = f"reports/{report_id}/report.json"
+    open_store(api.settings.store_url).put_bytes(key, json.dumps(document).encode())
+    with make_sessionmaker(make_engine(api.settings.database_url))() as session:
+        session.add(Report(id=report_id, name=document["model"]["name"], artifact_key=key))
+        session.commit()
+    return report_id
+
+
+def test_report_views_as_html_and_json(api):
+    """GET /v1/reports/{id}/html and /v1/reports/view: the page and the views of stored reports."""
+    from tests.fixtures.make_view_reports import view_reports
+
+    none, at_rs, amr = (_store_report(api, r) for r in view_reports()[:3])
+    r = api.get(f"/v1/reports/{amr}/html")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    assert r.text.startswith("<!DOCTYPE html>") and "<script" not in r.text
+    assert r.text.count("<svg") == 3 + 3 and "AMR &lt;3&gt;" in r.text  # 3 curve panels, 3 AMRs
+
+    r = api.get("/v1/reports/view", params={"ids": f"{none},{at_rs},{amr}", "baseline": at_rs, "attack": "CW30",
+                                            "eps": 8})
+    assert r.status_code == 200, r.text
+    views = r.json()
+    assert views["schema"] == "robustact.views/v1" and views["report_ids"] == [none, at_rs, amr]
+    table = views["defence_table"]
+    assert table["attack"] == "CW30" and table["baseline"] == f"AT-RS ({at_rs[:8]})" and table["rows"][1]["ri"] == 0
+    assert {row["eps_used"] for row in table["rows"]} == {8.0}
+    assert len(views["robustness_curves"]["panels"]) == 9 and len(views["amr_weights"]) == 1
+
+    r = api.get("/v1/reports/view", params={"ids": [none, amr], "format": "html", "title": "<T>"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "<title>&lt;T&gt;</title>" in r.text
+
+    r = api.get("/v1/reports/view", params={"ids": none, "baseline": "nope"})
+    assert r.status_code == 422 and _loc(r) == ["query", "baseline"]
+    r = api.get("/v1/reports/view", params={"ids": none, "attack": "PGD7"})
+    assert r.status_code == 422 and _loc(r) == ["query", "attack"] and "no report has PGD7" in r.text
+    r = api.get("/v1/reports/view", params={"ids": none, "format": "png"})
+    assert r.status_code == 422 and _loc(r) == ["query", "format"]
+    r = api.get("/v1/reports/view", params={"ids": ","})
+    assert r.status_code == 422 and _loc(r) == ["query", "ids"]
+    r = api.get("/v1/reports/view")
+    assert r.status_code == 422 and _loc(r) == ["query", "ids"]
 
 
 # --------------------------------------------------------------------------- backends down

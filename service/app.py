@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from service.api import datasets, health, jobs, models, reports
+from service.api import datasets, health, jobs, models, reports, sweeps
 from service.classify import ModelCache
 from service.db import make_engine, make_sessionmaker, migrate
 from service.settings import Settings
@@ -68,6 +68,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); this is a bug, see the server log"},
                             status_code=500)
 
-    for module in (health, datasets, jobs, models, reports):
+    for module in (health, datasets, jobs, sweeps, models, reports):
         app.include_router(module.router)
     return app

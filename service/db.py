@@ -1,4 +1,4 @@
-"""Tables (datasets, jobs, models, reports), engine and sessions. SQLite and Postgres share
+"""Tables (datasets, job groups, jobs, models, reports), engine and sessions. SQLite and Postgres share
 this one code path; the schema itself is created by the Alembic migrations in
 ``migrations/`` (``migrate()``), never by ``create_all``.
 
@@ -63,6 +63,19 @@ class Dataset(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class JobGroup(Base):
+    """A sweep: the jobs one request launched over a grid (``/v1/sweeps``)."""
+
+    __tablename__ = "job_groups"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(10))  # train | evaluate
+    # {"preset": name or null, "base": {...}, "grid": {field: [values]}, "combinations": [{field: value}, ...]}
+    grid: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -81,6 +94,7 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    group_id: Mapped[str | None] = mapped_column(ForeignKey("job_groups.id"), index=True)  # its sweep, if any
 
 
 class Model(Base):

@@ -137,6 +137,7 @@ class JobPublic(BaseModel):
     dataset_id: str | None
     model_id: str | None = Field(description="the evaluated model (evaluation jobs)")
     params: dict[str, Any] = Field(description="the request and the fully resolved configs")
+    group_id: str | None = Field(None, description="the sweep that launched it, if any")
     progress: dict[str, Any] | None
     error: str | None
     cancel_requested: bool
@@ -149,6 +150,73 @@ class JobPublic(BaseModel):
 
 class JobList(BaseModel):
     items: list[JobPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+# --------------------------------------------------------------------------- sweeps
+
+SweepStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "partial"]
+SWEEP_PRESETS = ("table4", "table5")
+
+
+class SweepCreate(BaseModel):
+    """One request for a set of jobs: ``base`` (a job body without ``kind``) with every
+    combination of the ``grid`` values (and of the preset's rows) laid over it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["train", "evaluate"]
+    name: str | None = Field(None, max_length=200, description="name of the sweep (default: preset or kind-grid)")
+    preset: Literal[SWEEP_PRESETS] | None = Field(  # type: ignore[valid-type]
+        None, description="table4: at-rs with 0 AMRs, amr with 1, 2, 3 AMRs (the paper's Table 4); "
+                          "table5: amr, 1 AMR, λ ∈ {0.1, 0.5, 1, 2, 5} (Table 5). Train sweeps only; "
+                          "crossed with ``grid`` when both are given")
+    base: dict[str, Any] = Field(description="the fields shared by every job: a train or evaluate job body "
+                                             "(``kind`` may be left out)")
+    grid: dict[str, list[Any]] = Field({}, description="job field → values; the sweep is their cartesian "
+                                                        "product, e.g. {\"lam\": [0.5, 1], \"seed\": [0, 1]} or "
+                                                        "{\"eps\": [[2], [4], [8]]}")
+
+
+class SweepCounts(BaseModel):
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+
+class SweepJob(BaseModel):
+    id: str
+    index: int = Field(description="position in the expansion of the grid")
+    varied: dict[str, Any] = Field(description="the values of this job's combination")
+    status: JobStatus
+    model_id: str | None = Field(description="train: the model it produced; evaluate: the evaluated model")
+    report_id: str | None
+    error: str | None
+    links: Links
+
+
+class SweepPublic(BaseModel):
+    id: str
+    name: str
+    kind: str
+    status: SweepStatus = Field(description="queued, running, succeeded, failed, cancelled, or partial (all "
+                                            "finished, some succeeded and some did not)")
+    counts: SweepCounts
+    total: int
+    preset: str | None
+    grid: dict[str, Any] = Field(description="the varied fields and their values (preset rows included)")
+    base: dict[str, Any]
+    created_at: dt.datetime
+    jobs: list[SweepJob] | None = Field(description="the jobs in grid order (left out of lists)")
+    links: Links
+
+
+class SweepList(BaseModel):
+    items: list[SweepPublic]
     total: int
     limit: int
     offset: int

@@ -3,6 +3,8 @@
 A job is validated completely here (configs resolved through ``models.config``, so a bad
 value is a 422 naming the field before anything is queued), written as a ``queued`` row,
 and only then sent to the broker with its id. The worker owns it from there.
+``new_job`` (validate → row) and ``submit_jobs`` (commit → send) are shared with
+``/v1/sweeps``, which validates every job of a grid before committing them together.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from models.config import AttackConfig, ConfigError, TrainConfig, preset_config,
 from models.evaluate import build_suite
 from service.api.datasets import dataset_or_404
 from service.api.deps import CeleryDep, SessionDep, StoreDep, get_or_404, invalid, not_found
-from service.db import FINISHED, Dataset, Job, Model, Report, utcnow
+from service.db import FINISHED, Dataset, Job, JobGroup, Model, Report, new_id, utcnow
 from service.schemas import (EvaluateJobCreate, JobCreate, JobList, JobOutputs, JobPublic, JobStatus, JobTimings,
                              Links, TrainJobCreate)
 from service.store import ObjectNotFound
@@ -51,11 +53,13 @@ def job_public(job: Job, model_id: str | None = None, report_id: str | None = No
         links["report"] = f"/v1/reports/{report_id}"
     if job.kind == "evaluate" and job.model_id:
         links["evaluated_model"] = f"/v1/models/{job.model_id}"
+    if job.group_id:
+        links["sweep"] = f"/v1/sweeps/{job.group_id}"
     end = job.finished_at or (utcnow() if job.status == "running" else None)
     return JobPublic(
         id=job.id, kind=job.kind, status=job.status, dataset_id=job.dataset_id, model_id=job.model_id,
-        params=job.params, progress=job.progress, error=job.error, cancel_requested=job.cancel_requested,
-        attempts=job.attempts, worker=job.worker,
+        params=job.params, group_id=job.group_id, progress=job.progress, error=job.error,
+        cancel_requested=job.cancel_requested, attempts=job.attempts, worker=job.worker,
         timings=JobTimings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                            heartbeat_at=job.heartbeat_at,
                            queued_seconds=_seconds(job.created_at, job.started_at or job.finished_at),
@@ -131,40 +135,65 @@ def _evaluate_params(session: Session, body: EvaluateJobCreate) -> tuple[dict[st
     return params, dataset, model
 
 
-def _enqueue(session: Session, celery, job: Job) -> None:
-    """Send the job's id to the broker; a broker failure fails the row and answers 503."""
-    try:
-        celery.send_task(TASK_FOR_KIND[job.kind], args=[job.id])
-    except Exception as e:
-        session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(
-            status="failed", error=f"could not queue the job: {type(e).__name__}: {e}", finished_at=utcnow()))
-        session.commit()
-        raise HTTPException(status_code=503, detail=f"the job broker is unreachable ({type(e).__name__}: {e}); "
-                                                    f"job {job.id} was marked failed")
+def new_job(session: Session, body: TrainJobCreate | EvaluateJobCreate) -> Job:
+    """A ``queued`` row for ``body``, validated completely (422 naming the field, 404 for
+    an unknown dataset or model) but not added to the session: nothing is written."""
+    if isinstance(body, TrainJobCreate):
+        params, dataset = _train_params(session, body)
+        return Job(id=new_id(), kind="train", status="queued", params=params, dataset_id=dataset.id)
+    params, dataset, model = _evaluate_params(session, body)
+    return Job(id=new_id(), kind="evaluate", status="queued", params=params, dataset_id=dataset.id,
+               model_id=model.id)
+
+
+def _fail_unsent(session: Session, job_ids: list[str], error: str) -> None:
+    session.execute(update(Job).where(Job.id.in_(job_ids), Job.status == "queued").values(
+        status="failed", error=error, finished_at=utcnow()))
+    session.commit()
+
+
+def enqueue(session: Session, celery, jobs: list[Job]) -> None:
+    """Send the jobs' ids to the broker, in order. A broker failure fails the rows not sent
+    yet (the ones sent are delivered) and answers 503."""
+    for i, job in enumerate(jobs):
+        try:
+            celery.send_task(TASK_FOR_KIND[job.kind], args=[job.id])
+        except Exception as e:
+            unsent = [j.id for j in jobs[i:]]
+            _fail_unsent(session, unsent, f"could not queue the job: {type(e).__name__}: {e}")
+            which = f"job {job.id} was" if len(unsent) == 1 else f"{len(unsent)} jobs ({', '.join(unsent)}) were"
+            raise HTTPException(status_code=503, detail=f"the job broker is unreachable ({type(e).__name__}: {e}); "
+                                                        f"{which} marked failed")
+
+
+def submit_jobs(session: Session, celery, jobs: list[Job], group: JobGroup | None = None) -> None:
+    """Commit ``jobs`` (rows from ``new_job``), and ``group`` with them, in one transaction,
+    then send them to the broker."""
+    if group is not None:
+        session.add(group)
+        session.flush()  # no relationship tells the unit of work to insert the group first
+        for job in jobs:
+            job.group_id = group.id
+    session.add_all(jobs)
+    session.commit()
+    enqueue(session, celery, jobs)
 
 
 @router.post("", status_code=202, response_model=JobPublic)
 def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep, response: Response):
-    if isinstance(body, TrainJobCreate):
-        params, dataset = _train_params(session, body)
-        job = Job(kind="train", status="queued", params=params, dataset_id=dataset.id)
-    else:
-        params, dataset, model = _evaluate_params(session, body)
-        job = Job(kind="evaluate", status="queued", params=params, dataset_id=dataset.id, model_id=model.id)
-    session.add(job)
-    session.commit()
-    _enqueue(session, celery, job)
+    job = new_job(session, body)
+    submit_jobs(session, celery, [job])
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job)
 
 
 @router.get("", response_model=JobList)
 def list_jobs(session: SessionDep, status: JobStatus | None = None, kind: Literal["train", "evaluate"] | None = None,
-              dataset_id: str | None = None, model_id: str | None = None,
+              dataset_id: str | None = None, model_id: str | None = None, group_id: str | None = None,
               limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
     query = select(Job)
     for column, value in ((Job.status, status), (Job.kind, kind), (Job.dataset_id, dataset_id),
-                          (Job.model_id, model_id)):
+                          (Job.model_id, model_id), (Job.group_id, group_id)):
         if value is not None:
             query = query.where(column == value)
     total = session.scalar(select(func.count()).select_from(query.subquery()))
@@ -206,7 +235,7 @@ def retry_job(job_id: str, session: SessionDep, celery: CeleryDep):
                                                     "jobs can be retried")
     session.commit()
     session.refresh(job)
-    _enqueue(session, celery, job)
+    enqueue(session, celery, [job])
     return _public(session, job)
 
 

@@ -31,7 +31,7 @@ def report_public(row: Report) -> ReportPublic:
                         dataset_id=row.dataset_id, created_at=row.created_at, links=Links(**links))
 
 
-def _document(store: Store, row: Report) -> bytes:
+def report_document(store: Store, row: Report) -> bytes:
     try:
         return store.get_bytes(row.artifact_key)
     except ObjectNotFound:
@@ -52,7 +52,7 @@ def _comparison(session, store: Store, ids: list[str], documents: list[dict], ba
                 eps: float | None, where: str) -> dict:
     """Table 2 over stored reports (by id) followed by inline documents (CLI reports)."""
     rows = [get_or_404(session, Report, i, "report") for i in ids]
-    reports = [json.loads(_document(store, r)) for r in rows]
+    reports = [json.loads(report_document(store, r)) for r in rows]
     names = [f"{r.name} ({r.id[:8]})" for r in rows]
     for i, document in enumerate(documents):
         try:
@@ -125,7 +125,7 @@ def report_views(session: SessionDep, store: StoreDep,
     if not wanted:
         invalid("ids", "name at least one report", where="query")
     rows = [get_or_404(session, Report, i, "report") for i in wanted]
-    reports = [json.loads(_document(store, r)) for r in rows]
+    reports = [json.loads(report_document(store, r)) for r in rows]
     names = [f"{r.name} ({r.id[:8]})" for r in rows]
     base = None
     if baseline is not None:
@@ -133,13 +133,20 @@ def report_views(session: SessionDep, store: StoreDep,
             invalid("baseline", f"the baseline {baseline!r} must be the id of one of the reports", baseline,
                     where="query")
         base = wanted.index(baseline)
+    return render_views(reports, names, base, attack, eps, title, format, {"report_ids": wanted})
+
+
+def render_views(reports: list[dict], names: list[str], baseline: int | None, attack: str | None,
+                 eps: float | None, title: str, format: str, extra: dict):
+    """The ``robustact.views/v1`` document of ``reports`` (plus ``extra``), or its HTML page;
+    an attack label no report has is a 422 on the ``attack`` query parameter."""
     if attack is not None and attack.lower() not in {a.lower() for a in attack_labels(reports)}:
         invalid("attack", f"no report has {attack} results (labels: {', '.join(attack_labels(reports)) or 'none'})",
                 attack, where="query")
     if format == "html":
-        return _html(render_html(reports, baseline=base, attack=attack, eps=eps, title=title, names=names))
-    views = build_views(reports, baseline=base, attack=attack, eps=eps, names=names)
-    views["report_ids"] = wanted
+        return _html(render_html(reports, baseline=baseline, attack=attack, eps=eps, title=title, names=names))
+    views = build_views(reports, baseline=baseline, attack=attack, eps=eps, names=names)
+    views.update(extra)
     return views
 
 
@@ -147,7 +154,7 @@ def report_views(session: SessionDep, store: StoreDep,
 def get_report(report_id: str, session: SessionDep, store: StoreDep):
     """The report document itself, exactly as the worker (or the CLI) wrote it."""
     row = get_or_404(session, Report, report_id, "report")
-    return Response(_document(store, row), media_type="application/json")
+    return Response(report_document(store, row), media_type="application/json")
 
 
 @router.get("/{report_id}/meta", response_model=ReportPublic)
@@ -159,5 +166,5 @@ def get_report_meta(report_id: str, session: SessionDep):
 def get_report_html(report_id: str, session: SessionDep, store: StoreDep):
     """One report's figures and tables as a self-contained HTML page (no scripts, inline SVG)."""
     row = get_or_404(session, Report, report_id, "report")
-    report = json.loads(_document(store, row))
+    report = json.loads(report_document(store, row))
     return _html(render_html([report], title=f"Report {row.name} ({row.id[:8]})", names=[row.name]))

@@ -325,6 +325,11 @@ def line_chart(figure: str, title: str, series: list[dict[str, Any]], x_label: s
     return "\n".join(out)
 
 
+def svg_document(svg: str) -> str:
+    """An inline ``<svg>`` of this module as a standalone ``.svg`` file."""
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + svg + "\n"
+
+
 def curves_figure(panel: dict[str, Any], figure: str) -> str:
     series = [{"label": SERIES_LABELS[m], "colour": COLOURS[m],
                "points": [(p["eps"], p["accuracy"]) for p in points]}
@@ -451,9 +456,13 @@ def render_html(reports: Reports, baseline: int | str | None = None, attack: str
     return views_html(build_views(reports, baseline=baseline, attack=attack, eps=eps, names=names), title)
 
 
-def views_html(views: dict[str, Any], title: str = "robustact report") -> str:
-    """The page of a ``build_views`` document."""
+def views_html(views: dict[str, Any], title: str = "robustact report",
+               extra_tables: Sequence[tuple[str, str, dict[str, Any]]] = ()) -> str:
+    """The page of a ``build_views`` document. ``extra_tables`` appends further
+    Table-2-layout sections ``(id, heading, defence_table view)`` (e.g. Tables 4 and 5)."""
     listed = ", ".join(views["reports"])
+    extra = "".join(f'<section id="{escape(sid)}">\n<h2>{escape(heading)}</h2>\n{_defence_html(view)}\n</section>\n'
+                    for sid, heading, view in extra_tables)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -482,6 +491,6 @@ def views_html(views: dict[str, Any], title: str = "robustact report") -> str:
 <h2>AMR weights (Table 3, Figure 4)</h2>
 {_amr_html(views["amr_weights"])}
 </section>
-</body>
+{extra}</body>
 </html>
 """

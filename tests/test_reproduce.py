@@ -1,0 +1,104 @@
+"""`robustact reproduce` end to end: the `small` plan through the CLI, then a rerun that
+skips every finished stage."""
+
+import json
+import shutil
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from models.reproduce import TABLE_FILES, plan_for
+from service.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, f"robustact {' '.join(map(str, args))}\n{result.output}"
+    return result.output
+
+
+def test_plans():
+    default, small = plan_for("default"), plan_for("small")
+    assert default.estimate()["total"] < 3600 * 0.8  # under an hour on 2 cores, with margin
+    assert small.estimate()["total"] < 60
+    keys = [s.key for s in default.models()]
+    assert len(keys) == len(set(keys)) == 16  # 8 defences + 2 unimodal + 2 AMR counts + 4 λ
+    assert plan_for("small", epochs=3).adv_epochs == 3
+
+
+@pytest.mark.timeout(120)
+def test_reproduce_small(tmp_path):
+    out = tmp_path / "repro"
+    t0 = time.perf_counter()
+    log = run("reproduce", "--out", out, "--size", "small", "--seed", 0, "--device", "cpu")
+    assert time.perf_counter() - t0 < 60
+    plan = plan_for("small")
+    stages = plan.stages()
+    assert "estimated time on 2 CPU cores" in log
+    assert all(f"[{i:2d}/{len(stages)}]" in log for i in range(1, len(stages) + 1))
+
+    for name in TABLE_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for attack in ("fgsm", plan.pgd, plan.cw):
+        assert (out / f"figure2-{attack}.svg").read_text().count("<polyline") == 3  # ✗R ✗S ✗RS
+    for i in range(1, plan.num_amr + 1):
+        assert "<svg" in (out / f"figure4-amr{i}.svg").read_text()
+    assert len(list((out / "reports").glob("*.json"))) == len(plan.models()) == 16
+    html = (out / "index.html").read_text()
+    assert html.count("<svg") == 3 + plan.num_amr and 'id="lambda"' in html and 'id="amr-count"' in html
+
+    table1 = json.loads((out / "table1.json").read_text())
+    assert [r["attack"] for r in table1["rows"]] == ["FGSM", plan.pgd.upper(), plan.cw.upper()]
+    assert table1["eps"] == 6 and table1["rows"][0]["unimodal_R"] is not None
+
+    table2 = json.loads((out / "table2.json").read_text())
+    assert [r["name"] for r in table2["rows"]] == ["None", "AT-R", "AT-S", "AT-RS", "MinSim", "ExFMem",
+                                                  "MinSim+ExFMem", "AMR"]
+    assert table2["rows"][0]["ri"] == 0
+    for row in table2["rows"]:
+        assert row["eps_used"] == 8
+        assert row["avg"] == pytest.approx((row["R"] + row["S"] + row["RS"]) / 3)
+
+    table3 = json.loads((out / "table3.json").read_text())
+    assert [r["index"] for r in table3["rows"]] == [1, 2, 3] and all(0 < r["mean_rgb"] < 1 for r in table3["rows"])
+
+    table4 = json.loads((out / "table4.json").read_text())
+    assert table4["attack"] == plan.cw.upper()
+    assert [r["num_amr"] for r in table4["rows"]] == [None, 0, 1, 2, 3]
+    by_count = {r["num_amr"]: r for r in table4["rows"]}
+    at_rs = next(r for r in table2["rows"] if r["name"] == "AT-RS")
+    assert by_count[0]["clean"] == at_rs["clean"]  # 0 AMRs is the AT-RS model
+
+    table5 = json.loads((out / "table5.json").read_text())
+    lam_rows = [r for r in table5["rows"] if r["lam"] is not None]
+    assert [r["lam"] for r in lam_rows] == [0.1, 0.5, 1.0, 2.0, 5.0]
+    assert table5["models"]["λ=1"] == "amr-1" == table4["models"]["1 AMR"]  # reused
+
+    # A rerun skips every model and report, rewrites the tables, and leaves results alone.
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "reports").glob("*.json")}
+    t0 = time.perf_counter()
+    log = run("reproduce", "--out", out, "--size", "small", "--seed", 0, "--device", "cpu")
+    assert time.perf_counter() - t0 < 15
+    assert log.count("skipped (already done)") == len(stages) - 1  # all but the tables
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "reports").glob("*.json")} == before
+    assert json.loads((out / "table2.json").read_text())["rows"] == table2["rows"]
+
+    # Another plan in the same folder is refused rather than mixed in.
+    result = CliRunner().invoke(app, ["reproduce", "--out", str(out), "--size", "small", "--epochs", "2"])
+    assert result.exit_code == 2 and "another plan" in result.output
+
+
+def test_reproduce_resumes_an_interrupted_run(tmp_path):
+    """Delete one report and one model: only those stages run again."""
+    out = tmp_path / "repro"
+    run("reproduce", "--out", out, "--size", "small", "--device", "cpu")
+    (out / "reports" / "amr-2.json").unlink()
+    shutil.rmtree(out / "runs" / "at-s" / "model")
+    (out / "reports" / "at-s.json").unlink()
+    log = run("reproduce", "--out", out, "--size", "small", "--device", "cpu")
+    done = [line for line in log.splitlines() if ": done in" in line]
+    assert [line.split("] ")[1].split(": done in")[0].split(" (")[0] for line in done] == [
+        "train AT-S", "evaluate AT-S", "evaluate 2 AMRs", "write Tables 1-5, Figures 2 and 4, index.html"]

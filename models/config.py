@@ -18,7 +18,12 @@ EXFMEM_DEFENCES = ("exfmem", "minsim-exfmem")
 # Bank entries per modality when a defence uses ExFMem and ModelConfig.exfmem_size is 0.
 EXFMEM_DEFAULT_SIZE = 512
 OPTIMIZERS = ("sgd", "adam")
-ATTACKS = ("fgsm", "pgd", "cw")
+ATTACKS = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "square")
+# Gradient-based attacks (Square is score-based: it only reads logits).
+GRADIENT_ATTACKS = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr")
+# Default iterations (queries for Square) when an attack spec gives none: the paper's PGD20
+# and CW30, AutoAttack's 100 APGD iterations and 5,000 Square queries.
+DEFAULT_STEPS = {"fgsm": 1, "pgd": 20, "cw": 30, "apgd-ce": 100, "apgd-dlr": 100, "square": 5000}
 MODES = ("R", "S", "RS")
 AMR_ACTIVATIONS = ("sigmoid", "identity")
 
@@ -144,10 +149,17 @@ def preset_config(preset: str, **overrides: Any) -> ModelConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """One L-inf attack: FGSM, PGD-k or CW-k, on modality R, S or both (RS).
+    """One L-inf attack on modality R, S or both (RS).
 
-    Budgets and step sizes are per modality, in the [0, 1] input scale.
-    FGSM takes a single step of size eps (``steps`` and ``alpha`` are ignored).
+    ``name``: ``fgsm``, ``pgd`` (CE loss), ``cw`` (CW margin loss optimised by PGD),
+    ``apgd-ce`` / ``apgd-dlr`` (Croce & Hein 2020) or ``square`` (Andriushchenko et al.
+    2020, score-based; ``steps`` is its query budget). Budgets and step sizes are per
+    modality, in the [0, 1] input scale. FGSM takes a single step of size eps (``steps`` and
+    ``alpha`` are ignored); APGD sets its own step sizes (2·eps, halved on a schedule).
+    ``restarts`` > 1 re-runs a randomised attack on the clips still standing, each restart
+    from its own random start. ``perturb_absent_bodies``: whether an attack may write into
+    the all-zero slots of absent skeleton bodies (default no: a perturbation there creates a
+    "ghost" person that no recording contains; see docs/ENGINE.md).
     """
 
     name: str = "pgd"
@@ -160,6 +172,8 @@ class AttackConfig:
     random_start: bool = True
     # Confidence margin of the CW loss, as in the MART/TRADES "CW optimised by PGD" code.
     cw_kappa: float = 50.0
+    restarts: int = 1
+    perturb_absent_bodies: bool = False
 
     def __post_init__(self):
         if self.name not in ATTACKS:
@@ -174,11 +188,36 @@ class AttackConfig:
         for name in ("alpha_rgb", "alpha_skel"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(name, "must be in (0, 1]")
+        if self.restarts < 1:
+            raise ConfigError("restarts", "must be at least 1")
+        if self.restarts > 1 and not self.randomised:
+            raise ConfigError("restarts", f"{self.label} has no random start: restarts would repeat the same run")
+
+    @property
+    def randomised(self) -> bool:
+        """Whether two runs with different seeds can differ (random start or random search)."""
+        return self.name in ("apgd-ce", "apgd-dlr", "square") or (self.name in ("pgd", "cw") and self.random_start)
 
     @property
     def label(self) -> str:
-        """Short name used in tables: FGSM, PGD20, CW30."""
-        return "FGSM" if self.name == "fgsm" else f"{self.name.upper()}{self.steps}"
+        """Short name used in tables: FGSM, PGD20, CW30, APGD-CE100, APGD-DLR100, Square5000;
+        ``x5`` appended for 5 restarts."""
+        if self.name == "fgsm":
+            base = "FGSM"
+        elif self.name == "square":
+            base = f"Square{self.steps}"
+        else:
+            base = f"{self.name.upper()}{self.steps}"
+        return base if self.restarts == 1 else f"{base}x{self.restarts}"
+
+    @property
+    def cost(self) -> float:
+        """Rough cost per clip in forward+backward passes (a Square query is a forward, about
+        a third of one), used to order a worst-case cascade cheapest first."""
+        passes = 1 if self.name == "fgsm" else self.steps
+        if self.name == "square":
+            passes = self.steps / 3
+        return passes * self.restarts
 
     def with_mode(self, mode: str) -> "AttackConfig":
         return dataclasses.replace(self, mode=mode)

@@ -1,126 +1,348 @@
-"""Evaluation of an attack suite on a dataset split → a ``robustact.report/v1`` document."""
+"""Evaluation of an attack suite on a dataset split.
+
+The primary output is a per-clip table (``ClipRecords``): label, clean prediction and, for
+every suite entry (attack × ε × mode), whether it broke the clip and at which iterate.
+Everything a report says is an aggregate of that table (``models.report.build_report``):
+per-attack accuracy, worst case per mode and overall, per class, and the gradient-masking
+diagnostics. Tables computed anywhere (batches, shards) concatenate.
+
+Rules (RobustBench / AutoAttack):
+
+* a clip counts as robust only if it is classified correctly clean AND no attack broke it,
+  so robust ≤ clean by construction; clips wrong on clean input are never attacked;
+* an attack breaks a clip if any of its iterates (any restart) is misclassified;
+* a clip's random start depends on (seed, clip id, suite entry, restart) only, never on
+  its batch, so batch size and sharding do not change a result;
+* strategy ``full`` runs every entry on every clean-correct clip (the paper's per-attack
+  columns); ``worst-case`` runs, per budget, the R then the S entries (gradient attacks
+  cheapest first, then score-based ones) on the clips still standing in that mode, then the
+  RS entries on the clips standing in both — the same worst case, far cheaper;
+* an R-only or S-only perturbation is also an RS perturbation, so the RS worst case counts
+  a clip broken by an attack of any mode of the same budget.
+"""
 
 from __future__ import annotations
 
-import datetime as _dt
+import json
 import re
 import time
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
 
-from .attacks import attack
+from .attacks import run_attack
 from .checkpoint import resolve_device
-from .config import MODES, AttackConfig, ConfigError
-from .report import REPORT_SCHEMA, average
+from .config import DEFAULT_STEPS, GRADIENT_ATTACKS, MODES, AttackConfig, ConfigError
+
+STRATEGIES = ("full", "worst-case")
+# ClipRecords.outcome codes.
+SURVIVED, BROKEN, CLEAN_WRONG, SKIPPED = 0, 1, -1, -2
+RECORDS_FORMAT = "robustact.clips/v1"
+# The unbounded-attack check: PGD in RS over the whole [0, 1] box (ε = 1 for both
+# modalities); steps of 0.1 reach any point of the box in 10 of its 20 steps.
+UNBOUNDED = AttackConfig(name="pgd", mode="RS", steps=20, eps_rgb=1.0, eps_skel=1.0, alpha_rgb=0.1, alpha_skel=0.1)
+AUTOATTACK = ("apgd-ce", "apgd-dlr", "square")
 
 
 class EvaluationCancelled(Exception):
     """``should_stop()`` asked the evaluation to stop."""
 
 
-_ATTACK_SPEC = re.compile(r"^(fgsm|pgd|cw)(\d*)$")
+_ATTACK_SPEC = re.compile(r"^(fgsm|pgd|cw|apgd-ce|apgd-dlr|square)(\d*)$")
 
 
 def parse_attack_spec(spec: str) -> tuple[str, int]:
-    """"fgsm" → ("fgsm", 1); "pgd20" → ("pgd", 20); "cw30" → ("cw", 30); "pgd" → 20, "cw" → 30."""
+    """"fgsm" → ("fgsm", 1); "pgd20" → ("pgd", 20); "cw" → ("cw", 30); "apgd-ce" → 100;
+    "square5000" → ("square", 5000)."""
     m = _ATTACK_SPEC.match(spec.strip().lower())
     if not m:
-        raise ConfigError("attacks", f"unknown attack {spec!r} (use fgsm, pgdK or cwK, e.g. pgd20)")
+        raise ConfigError("attacks", f"unknown attack {spec!r} (use fgsm, pgdK, cwK, apgd-ce[K], apgd-dlr[K], "
+                                     "square[K] or autoattack, e.g. pgd20)")
     name, steps = m.group(1), m.group(2)
     if name == "fgsm":
         if steps:
             raise ConfigError("attacks", f"FGSM takes no step count ({spec!r})")
         return name, 1
-    return name, int(steps) if steps else {"pgd": 20, "cw": 30}[name]
+    if steps and int(steps) < 1:
+        raise ConfigError("attacks", f"{spec!r}: the step count must be at least 1")
+    return name, int(steps) if steps else DEFAULT_STEPS[name]
 
 
-def build_suite(attacks: list[str], modes: list[str] = list(MODES), eps: list[float] = (8.0,),
-                alpha: float = 2.0, random_start: bool = True) -> list[AttackConfig]:
-    """Attack configs for every attack × ε × mode. ε and α are given in 1/255 units."""
-    suite = []
+def expand_attacks(attacks: Sequence[str]) -> list[str]:
+    """``autoattack`` → APGD-CE, APGD-DLR, Square (AutoAttack's standard budget)."""
+    out: list[str] = []
     for spec in attacks:
+        out.extend(AUTOATTACK if spec.strip().lower() == "autoattack" else [spec])
+    return out
+
+
+def default_strategy(attacks: Sequence[str]) -> str:
+    """``worst-case`` when the suite names the ``autoattack`` preset (a cascade by
+    definition), else ``full``."""
+    return "worst-case" if any(a.strip().lower() == "autoattack" for a in attacks) else "full"
+
+
+def build_suite(attacks: Sequence[str], modes: Sequence[str] = MODES, eps: Sequence[float] = (8.0,),
+                alpha: float = 2.0, random_start: bool = True, restarts: int = 1) -> list[AttackConfig]:
+    """Attack configs for every attack × ε × mode. ε and α are given in 1/255 units.
+    ``restarts`` applies to the randomised attacks (FGSM, and PGD/CW without a random
+    start, run once)."""
+    suite = []
+    for spec in expand_attacks(attacks):
         name, steps = parse_attack_spec(spec)
         for e in eps:
             for mode in modes:
-                suite.append(AttackConfig(name=name, mode=mode, steps=steps, eps_rgb=e / 255, eps_skel=e / 255,
-                                          alpha_rgb=alpha / 255, alpha_skel=alpha / 255, random_start=random_start))
+                cfg = AttackConfig(name=name, mode=mode, steps=steps, eps_rgb=e / 255, eps_skel=e / 255,
+                                   alpha_rgb=alpha / 255, alpha_skel=alpha / 255, random_start=random_start)
+                if restarts > 1 and cfg.randomised:
+                    cfg = AttackConfig(**{**cfg.to_dict(), "restarts": restarts})
+                suite.append(cfg)
     return suite
 
 
-def _group_key(cfg: AttackConfig) -> tuple:
-    d = cfg.to_dict()
-    d.pop("mode")
-    return tuple(sorted(d.items()))
+def check_suite(suite: Sequence[AttackConfig], num_classes: int) -> None:
+    """Refuse what cannot run on a model with ``num_classes`` classes."""
+    if num_classes < 3 and any(c.name == "apgd-dlr" for c in suite):
+        raise ConfigError("attacks", f"apgd-dlr needs at least 3 classes; the model has {num_classes}")
 
 
-def evaluate(model, meta: dict[str, Any], dataset, suite: list[AttackConfig], *, batch_size: int = 16,
-             seed: int = 0, progress: Callable[[dict], None] | None = None,
-             should_stop: Callable[[], bool] | None = None, device: str | None = None,
-             dataset_info: dict[str, Any] | None = None, model_info: dict[str, Any] | None = None) -> dict:
-    """Clean accuracy and accuracy under each attack of ``suite``, overall and per class."""
+# ------------------------------------------------------------------------------ records
+
+
+@dataclass
+class ClipRecords:
+    """Per-clip results of one evaluation (or one shard of it), one row per clip.
+
+    ``outcome[i, e]``: 1 entry e broke clip i, 0 it survived, -1 not attacked (wrong on
+    clean input), -2 not attacked (worst-case cascade: already broken in that mode).
+    ``iterate`` / ``restart``: the iterate (query for Square) and restart that broke it, -1
+    otherwise. Diagnostics per clip: ``grad_zero_rgb`` / ``grad_zero_skel`` (1 the clean CE
+    gradient w.r.t. that modality is exactly zero, 0 not, -1 the model ignores it),
+    ``unbounded`` (outcome of the ε = 1 RS PGD; -1 not run), ``unstable`` (two clean passes
+    gave different logits), ``probabilities`` (the outputs look like softmax, not logits).
+    """
+
+    suite: list[dict[str, Any]]
+    clip: np.ndarray
+    label: np.ndarray
+    clean_pred: np.ndarray
+    outcome: np.ndarray
+    iterate: np.ndarray
+    restart: np.ndarray
+    grad_zero_rgb: np.ndarray
+    grad_zero_skel: np.ndarray
+    unbounded: np.ndarray
+    unstable: np.ndarray
+    probabilities: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    ARRAYS = ("clip", "label", "clean_pred", "outcome", "iterate", "restart", "grad_zero_rgb", "grad_zero_skel",
+              "unbounded", "unstable", "probabilities")
+
+    def __len__(self) -> int:
+        return len(self.clip)
+
+    @property
+    def clean_correct(self) -> np.ndarray:
+        return self.clean_pred == self.label
+
+    @classmethod
+    def empty(cls, suite: Sequence[dict[str, Any]]) -> "ClipRecords":
+        e = len(suite)
+        z = np.zeros(0, dtype=np.int64)
+        s8 = np.zeros(0, dtype=np.int8)
+        return cls(list(suite), z, z.copy(), z.copy(), np.zeros((0, e), np.int8), np.zeros((0, e), np.int32),
+                   np.zeros((0, e), np.int16), s8, s8.copy(), s8.copy(), s8.copy(), s8.copy())
+
+    @classmethod
+    def concat(cls, parts: Sequence["ClipRecords"]) -> "ClipRecords":
+        """Rows of several tables of the same suite, sorted by clip id (shards merge here)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        suite = parts[0].suite
+        for p in parts[1:]:
+            if p.suite != suite:
+                raise ValueError("records of different suites cannot be concatenated")
+        arrays = {name: np.concatenate([getattr(p, name) for p in parts]) for name in cls.ARRAYS}
+        order = np.argsort(arrays["clip"], kind="stable")
+        if len(order) > 1 and np.any(np.diff(arrays["clip"][order]) == 0):
+            raise ValueError("a clip appears in two record tables")
+        return cls(list(suite), **{k: v[order] for k, v in arrays.items()}, meta=dict(parts[0].meta))
+
+    def save(self, path: str | Path) -> None:
+        """``.npz`` of plain arrays (no pickle); the suite and meta as JSON text."""
+        header = json.dumps({"format": RECORDS_FORMAT, "suite": self.suite, "meta": self.meta})
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, header=np.array(header), **{k: getattr(self, k) for k in self.ARRAYS})
+
+    @classmethod
+    def load(cls, path_or_file) -> "ClipRecords":
+        with np.load(path_or_file, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            if header.get("format") != RECORDS_FORMAT:
+                raise ValueError(f"not a {RECORDS_FORMAT} file")
+            return cls(header["suite"], **{k: data[k] for k in cls.ARRAYS}, meta=header.get("meta", {}))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": RECORDS_FORMAT, "suite": self.suite, "meta": self.meta,
+                **{k: getattr(self, k).tolist() for k in self.ARRAYS}}
+
+
+def clip_identities(dataset) -> list[int]:
+    """Stable clip ids: positions in the prepared cache when the dataset knows them."""
+    if isinstance(dataset, Subset):
+        inner = clip_identities(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    indices = getattr(dataset, "indices", None)
+    if indices is not None and len(indices) == len(dataset):
+        return [int(i) for i in indices]
+    return list(range(len(dataset)))
+
+
+def cascade_order(suite: Sequence[AttackConfig]) -> list[list[int]]:
+    """Chains of suite indices for the worst-case strategy: per budget, the R entries, the
+    S entries, then the RS entries; within a chain gradient attacks cheapest first, then
+    score-based ones (so the black-box check sees what white-box attacks missed)."""
+    budgets: dict[tuple, dict[str, list[int]]] = {}
+    for i, cfg in enumerate(suite):
+        budgets.setdefault((cfg.eps_rgb, cfg.eps_skel), {}).setdefault(cfg.mode, []).append(i)
+    chains = []
+    for per_mode in budgets.values():
+        for mode in MODES:
+            if mode in per_mode:
+                chains.append(sorted(per_mode[mode], key=lambda i: (suite[i].name not in GRADIENT_ATTACKS,
+                                                                    suite[i].cost, i)))
+    return chains
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def _clean_pass(model, rgb, skel, labels):
+    """Clean logits, the CE input gradients (zero-gradient check) and a second pass
+    (randomised-output check)."""
+    leaves = [rgb.detach().requires_grad_(True), skel.detach().requires_grad_(True)]
+    with torch.enable_grad():
+        logits = model(*leaves).logits
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else (None, None)
+    logits = logits.detach()
+    with torch.no_grad():
+        again = model(rgb, skel).logits
+    scale = 1e-4 * (1 + logits.abs().amax(dim=1))
+    unstable = ((again - logits).abs().amax(dim=1) > scale) | (again.argmax(1) != logits.argmax(1))
+    probs = (logits.min(dim=1).values >= 0) & (logits.max(dim=1).values <= 1) & ((logits.sum(1) - 1).abs() < 1e-4)
+
+    def zero(g):
+        if g is None:
+            return torch.full((len(labels),), -1, dtype=torch.int8)
+        return (g.flatten(1) == 0).all(dim=1).to(torch.int8).cpu()
+
+    return logits, zero(grads[0]), zero(grads[1]), unstable.to(torch.int8).cpu(), probs.to(torch.int8).cpu()
+
+
+def run_records(model, dataset, suite: Sequence[AttackConfig], *, batch_size: int = 16, seed: int = 0,
+                strategy: str = "full", diagnostics: bool = True, device: str | None = None,
+                progress: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                clip_ids: Sequence[int] | None = None) -> ClipRecords:
+    """Attack every clip of ``dataset`` with ``suite`` and return the per-clip table."""
+    if strategy not in STRATEGIES:
+        raise ConfigError("strategy", f"must be one of {STRATEGIES}, got {strategy!r}")
+    suite = list(suite)
     device = resolve_device(device)
     model = model.to(device).eval()
-    num_classes = len(meta["class_names"])
+    check_suite(suite, model.cfg.num_classes if hasattr(model, "cfg") else 3)
+    ids = list(clip_ids) if clip_ids is not None else clip_identities(dataset)
+    if len(ids) != len(dataset):
+        raise ValueError(f"{len(ids)} clip ids for {len(dataset)} clips")
+    chains = cascade_order(suite) if strategy == "worst-case" else [[i] for i in range(len(suite))]
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    per_class_total = torch.zeros(num_classes, dtype=torch.long)
-    clean_correct = torch.zeros(num_classes, dtype=torch.long)
-    adv_correct = [torch.zeros(num_classes, dtype=torch.long) for _ in suite]
     emit = progress or (lambda _: None)
-    t0 = time.perf_counter()
+    parts: list[ClipRecords] = []
+    seen = correct = 0
     steps = len(loader)
     for step, (rgb, skel, labels) in enumerate(loader):
         if should_stop is not None and should_stop():
             raise EvaluationCancelled(f"stopped at batch {step + 1} of {steps}")
         rgb, skel, labels = rgb.to(device), skel.to(device), labels.to(device)
-        per_class_total += torch.bincount(labels.cpu(), minlength=num_classes)
-        with torch.no_grad():
-            pred = model(rgb, skel).logits.argmax(1)
-        clean_correct += torch.bincount(labels[pred == labels].cpu(), minlength=num_classes)
-        for i, cfg in enumerate(suite):
-            adv_rgb, adv_skel = attack(model, rgb, skel, labels, cfg, seed=seed * 1_000_003 + step * 101 + i)
-            with torch.no_grad():
-                pred = model(adv_rgb, adv_skel).logits.argmax(1)
-            adv_correct[i] += torch.bincount(labels[pred == labels].cpu(), minlength=num_classes)
-        emit({"phase": "evaluate", "step": step + 1, "steps": steps,
-              "clean_accuracy": 100.0 * clean_correct.sum().item() / max(per_class_total.sum().item(), 1)})
+        batch_ids = ids[seen:seen + len(labels)]
+        logits, gz_rgb, gz_skel, unstable, probs = _clean_pass(model, rgb, skel, labels)
+        pred = logits.argmax(1)
+        standing_clean = pred == labels
+        b, e = len(labels), len(suite)
+        outcome = np.full((b, e), CLEAN_WRONG, dtype=np.int8)
+        iterate = np.full((b, e), -1, dtype=np.int32)
+        restart = np.full((b, e), -1, dtype=np.int16)
+        # Worst case per (budget, mode) so far: clips broken by an earlier link of a chain.
+        broken_in = {}
+        for chain in chains:
+            first = suite[chain[0]]
+            budget = (first.eps_rgb, first.eps_skel)
+            if first.mode == "RS" and strategy == "worst-case":
+                standing = standing_clean & ~broken_in.get((budget, "R"), torch.zeros_like(standing_clean)) \
+                    & ~broken_in.get((budget, "S"), torch.zeros_like(standing_clean))
+            else:
+                standing = standing_clean.clone()
+            for index in chain:
+                cfg = suite[index]
+                cols = standing.cpu().numpy()
+                outcome[standing_clean.cpu().numpy() & ~cols, index] = SKIPPED
+                if not cols.any():
+                    continue
+                rows = torch.nonzero(standing).flatten()
+                result = run_attack(model, rgb[rows], skel[rows], labels[rows], cfg, seed=seed,
+                                    clip_ids=[batch_ids[i] for i in rows.tolist()])
+                rows_np = rows.cpu().numpy()
+                outcome[rows_np, index] = result.broken.cpu().numpy().astype(np.int8)
+                iterate[rows_np, index] = result.iterate.cpu().numpy()
+                restart[rows_np, index] = result.restart.cpu().numpy()
+                hit = torch.zeros_like(standing)
+                hit[rows[result.broken]] = True
+                key = (budget, cfg.mode)
+                broken_in[key] = broken_in.get(key, torch.zeros_like(standing)) | hit
+                if strategy == "worst-case":
+                    standing = standing & ~hit
+                if should_stop is not None and should_stop():
+                    raise EvaluationCancelled(f"stopped at batch {step + 1} of {steps}")
+        unbounded = np.full(b, -1, dtype=np.int8)
+        if diagnostics and standing_clean.any():
+            rows = torch.nonzero(standing_clean).flatten()
+            result = run_attack(model, rgb[rows], skel[rows], labels[rows],
+                                AttackConfig(**{**UNBOUNDED.to_dict(),
+                                                "perturb_absent_bodies": bool(suite and suite[0].perturb_absent_bodies)}),
+                                seed=seed, clip_ids=[batch_ids[i] for i in rows.tolist()])
+            unbounded[rows.cpu().numpy()] = result.broken.cpu().numpy().astype(np.int8)
+        parts.append(ClipRecords(
+            [c.to_dict() for c in suite], np.asarray(batch_ids, dtype=np.int64), labels.cpu().numpy().astype(np.int64),
+            pred.cpu().numpy().astype(np.int64), outcome, iterate, restart, gz_rgb.numpy(), gz_skel.numpy(),
+            unbounded, unstable.numpy(), probs.numpy()))
+        seen += len(labels)
+        correct += int(standing_clean.sum())
+        emit({"phase": "evaluate", "step": step + 1, "steps": steps, "clean_accuracy": 100.0 * correct / max(seen, 1)})
+    records = ClipRecords.concat(parts) if parts else ClipRecords.empty([c.to_dict() for c in suite])
+    records.meta = {"seed": seed, "strategy": strategy, "diagnostics": diagnostics}
+    return records
 
-    n = int(per_class_total.sum())
 
-    def accuracy(correct: torch.Tensor) -> dict[str, Any]:
-        per_class = [100.0 * c / t if t else None for c, t in zip(correct.tolist(), per_class_total.tolist())]
-        return {"accuracy": 100.0 * correct.sum().item() / max(n, 1), "per_class": per_class}
+def evaluate(model, meta: dict[str, Any], dataset, suite: list[AttackConfig], *, batch_size: int = 16,
+             seed: int = 0, strategy: str = "full", diagnostics: bool = True,
+             progress: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+             device: str | None = None, dataset_info: dict[str, Any] | None = None,
+             model_info: dict[str, Any] | None = None) -> tuple[dict[str, Any], ClipRecords]:
+    """Run the suite and aggregate: returns ``(report, records)``; the report
+    (``robustact.report/v2``) is derived from the records alone (plus identity fields)."""
+    from .report import build_report
 
-    groups: dict[tuple, dict[str, Any]] = {}
-    for cfg, correct in zip(suite, adv_correct):
-        key = _group_key(cfg)
-        if key not in groups:
-            entry = {"label": cfg.label, **{k: v for k, v in cfg.to_dict().items() if k != "mode"}, "modes": {}}
-            groups[key] = entry
-        groups[key]["modes"][cfg.mode] = accuracy(correct)
-    attacks = list(groups.values())
-    for entry in attacks:
-        if all(m in entry["modes"] for m in MODES):
-            entry["avg"] = average(*(entry["modes"][m]["accuracy"] for m in MODES))
-
+    t0 = time.perf_counter()
+    records = run_records(model, dataset, suite, batch_size=batch_size, seed=seed, strategy=strategy,
+                          diagnostics=diagnostics, device=device, progress=progress, should_stop=should_stop)
     amr = model.amr_weights() if hasattr(model, "amr_weights") else []
-    return {
-        "schema": REPORT_SCHEMA,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {
-            "name": (model_info or {}).get("name") or meta.get("name") or meta["train"].get("defence", "model"),
-            "arch": meta["model"]["arch"], "preset": meta.get("preset"),
-            "defence": meta.get("train", {}).get("defence"), "num_amr": meta["model"].get("num_amr", 0),
-            "lam": meta.get("train", {}).get("lam"), "weights_sha256": meta.get("weights_sha256"),
-            "config": meta["model"], "train": meta.get("train"),
-            **{k: v for k, v in (model_info or {}).items() if k != "name"},
-        },
-        "dataset": {"num_samples": n, "class_names": list(meta["class_names"]), **(dataset_info or {})},
-        "config": {"batch_size": batch_size, "seed": seed, "device": str(device),
-                   "suite": [c.to_dict() for c in suite]},
-        "clean": accuracy(clean_correct),
-        "attacks": attacks,
-        "amr_weights": amr,
-        "timing": {"seconds": time.perf_counter() - t0},
-    }
+    report = build_report(records, meta, dataset_info=dataset_info, model_info=model_info, amr_weights=amr,
+                          config={"batch_size": batch_size, "device": str(resolve_device(device))},
+                          seconds=time.perf_counter() - t0)
+    return report, records

@@ -5,14 +5,18 @@ self-contained HTML page with inline SVG figures (no scripts, no external fetche
   (✓RS) accuracy line (Figure 2);
 * ``modal_table``       — Table 1 layout: one row per attack, ✓RS ✗R ✗S ✗RS Avg, plus
   Unimodal ✓R / ✓S from reports whose ``model.arch`` is ``rgb`` / ``skeleton``;
-* ``defence_table``     — Table 2 layout with Avg and RI against a baseline
-  (``models.report.compare``);
+* ``defence_table``     — Table 2 layout with Avg, RI against a baseline and the overall
+  worst case WC (``models.report.compare``);
 * ``amr_weights``       — mean of W_R and W_s per AMR (Table 3) and per-channel means
-  (Figure 4).
+  (Figure 4);
+* ``worst_case``        — per ``robustact.report/v2`` report and budget, the worst case
+  over the suite per mode ✗R/✗S/✗RS, Avg and overall (not in the paper);
+* ``diagnostics``       — the gradient-masking checks of v2 reports and their flags.
 
-``build_views`` bundles all four as one ``robustact.views/v1`` document, ``render_html``
-draws it. Accuracies are percentages and budgets are in 1/255 units, as in the paper.
-Pure Python: the SVG is written by hand.
+``build_views`` bundles them as one ``robustact.views/v1`` document, ``render_html``
+draws it (with a warning banner when a report's diagnostics raised a flag). Accuracies are
+percentages and budgets are in 1/255 units, as in the paper. v1 reports have no worst case
+and no diagnostics. Pure Python: the SVG is written by hand.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ import math
 from html import escape
 from typing import Any, Sequence
 
-from models.report import MODES, ReportError, average, compare, find_attack, report_name, table_row
+from models.report import (MODES, WORST_CASE, ReportError, average, compare, find_attack, report_name, table_row,
+                           worst_case_entry)
 
 VIEWS_SCHEMA = "robustact.views/v1"
 MODE_HEADERS = {"R": "✗R", "S": "✗S", "RS": "✗RS"}
 UNIMODAL_ARCHS = {"rgb": "R", "skeleton": "S"}
 MODAL_COLUMNS = ["✓RS", "✗R", "✗S", "✗RS", "Avg", "Unimodal ✓R", "Unimodal ✓S"]
+WORST_CASE_COLUMNS = ["✓RS", "✗R", "✗S", "✗RS", "Avg", "Overall"]
+# Row keys of the comparison columns (models.report.COLUMNS).
+COLUMN_KEYS = {"✓RS": "clean", "✗R": "R", "✗S": "S", "✗RS": "RS", "Avg": "avg", "RI": "ri", "WC": "wc"}
 
 Reports = Sequence[dict[str, Any]]
 
@@ -55,8 +63,9 @@ def _dataset_key(report: dict[str, Any]) -> str | None:
 
 
 def _accuracy(entry: dict[str, Any], mode: str) -> float | None:
+    """None when the mode was not run, or (v2) its column is incomplete (worst-case cascade)."""
     result = entry["modes"].get(mode)
-    return None if result is None else float(result["accuracy"])
+    return None if result is None or result.get("accuracy") is None else float(result["accuracy"])
 
 
 def attack_labels(reports: Reports) -> list[str]:
@@ -95,6 +104,8 @@ def robustness_curves(reports: Reports, names: Sequence[str] | None = None) -> d
                 if acc is not None and eps not in series[mode]:  # first entry per budget wins
                     series[mode][eps] = acc
         for label, series in by_label.items():
+            if not any(series.values()):  # every column incomplete (a worst-case cascade)
+                continue
             panels.append({
                 "report": name, "attack": label, "clean": float(report["clean"]["accuracy"]),
                 "series": {m: [{"eps": e, "accuracy": a} for e, a in sorted(points.items())]
@@ -165,9 +176,12 @@ def defence_table(reports: Reports, baseline: int | str | None = None, attack: s
     """Table 2 (``robustact.comparison/v1``) with Avg and RI against ``baseline`` (an index
     into ``reports`` or a row name; default: the undefended model, else the first).
 
-    Reports without all three modes of ``attack`` are left out and listed under
-    ``skipped``; it is an error when the baseline is one of them. ``attack=None`` picks
-    PGD20 when present, else the first label found."""
+    ``attack`` is a label or ``worst-case`` (the per-mode worst case of v2 reports). Every
+    row has WC, the overall worst case at its budget (None for v1 reports). Reports without
+    all three complete modes of ``attack`` (a worst-case cascade leaves per-attack columns
+    incomplete) are left out and listed under ``skipped`` with the reason; it is an error
+    when the baseline is one of them. ``attack=None`` picks PGD20 when present, else the
+    first label found."""
     names = _names(reports, names)
     attack = attack or default_attack(reports)
     if attack is None:
@@ -188,7 +202,8 @@ def defence_table(reports: Reports, baseline: int | str | None = None, attack: s
                     names=[names[i] for i in kept])
     # The budget each row was read at (compare takes the first entry when eps is not given).
     for row, i in zip(table["rows"], kept):
-        row["eps_used"] = _eps255(find_attack(reports[i], attack, eps))
+        entry = worst_case_entry(reports[i], eps) if attack.lower() == WORST_CASE else find_attack(reports[i], attack, eps)
+        row["eps_used"] = _eps255(entry)
     table["skipped"] = skipped
     return table
 
@@ -207,11 +222,75 @@ def amr_weights(report: dict[str, Any], name: str | None = None) -> dict[str, An
     return {"report": name or report_name(report), "amrs": amrs}
 
 
+def worst_case(reports: Reports, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Per ``robustact.report/v2`` report, one row per budget of its ``worst_case`` section:
+    ✗R/✗S/✗RS (None for a mode not in the suite), Avg (all three modes), overall and the
+    attacks the budget ran. Reports without the section (v1) are listed under ``without``."""
+    groups, without = [], []
+    for report, name in zip(reports, _names(reports, names)):
+        entries = report.get("worst_case") or []
+        if not entries:
+            without.append(name)
+            continue
+        rows = []
+        for entry in entries:
+            modes = entry.get("modes") or {}
+            accs = {m: None if m not in modes else float(modes[m]["accuracy"]) for m in MODES}
+            rows.append({"eps": _eps255(entry), "eps_skel": _eps255(entry, "eps_skel"),
+                         "attacks": [str(a) for a in entry.get("attacks") or []], **accs,
+                         "avg": average(*accs.values()) if None not in accs.values() else None,
+                         "overall": float(entry["overall"]["accuracy"])})
+        rows.sort(key=lambda r: (r["eps"], r["eps_skel"]))
+        groups.append({"report": name, "strategy": (report.get("config") or {}).get("strategy") or "full",
+                       "clean": float(report["clean"]["accuracy"]), "rows": rows})
+    return {"columns": WORST_CASE_COLUMNS, "groups": groups, "without": without}
+
+
+# The diagnostics' flag names (``check``) per summary field.
+_DIAGNOSTIC_CHECKS = {"zero_gradient_rgb": "zero_gradient", "zero_gradient_skel": "zero_gradient",
+                      "unbounded": "unbounded", "black_box_clips": "black_box", "monotonic_eps": "monotonic_eps",
+                      "monotonic_steps": "monotonic_steps", "unstable_clips": "randomised_outputs",
+                      "probabilities": "softmax_outputs"}
+
+
+def diagnostics(reports: Reports, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The gradient-masking checks of each v2 report in one row (zero-gradient shares,
+    unbounded-attack accuracy, Square-only breaks, monotonicity violations, unstable or
+    probability outputs) and every flag raised, named by report. Reports without a
+    ``diagnostics`` section (v1) are listed under ``without``."""
+    rows, flags, without = [], [], []
+    for report, name in zip(reports, _names(reports, names)):
+        diag = report.get("diagnostics")
+        if not isinstance(diag, dict):
+            without.append(name)
+            continue
+        own = [{"report": name, "check": str(f.get("check", "")), "message": str(f.get("message", ""))}
+               for f in diag.get("flags") or []]
+        flags.extend(own)
+        zero = diag.get("zero_gradient") or {}
+        unbounded = diag.get("unbounded") or {}
+        black = diag.get("black_box") or []
+        worst_black = max(black, key=lambda b: (b["percent"], b["clips"]), default=None)
+        rows.append({
+            "report": name, "flags": len(own), "checks_flagged": sorted({f["check"] for f in own}),
+            "zero_gradient_rgb": zero.get("rgb"), "zero_gradient_skel": zero.get("skel"),
+            "unbounded": unbounded.get("accuracy"), "unbounded_threshold": unbounded.get("threshold"),
+            "black_box_cells": len(black),
+            "black_box_clips": None if worst_black is None else int(worst_black["clips"]),
+            "black_box_percent": None if worst_black is None else float(worst_black["percent"]),
+            "monotonic_eps": len(diag.get("monotonic_eps") or []),
+            "monotonic_steps": len(diag.get("monotonic_steps") or []),
+            "unstable_clips": diag.get("unstable_clips"),
+            "probabilities": diag.get("outputs_look_like_probabilities"),
+        })
+    return {"rows": rows, "flags": flags, "without": without}
+
+
 def build_views(reports: Reports, baseline: int | str | None = None, attack: str | None = "PGD20",
                 eps: float | None = None, names: Sequence[str] | None = None) -> dict[str, Any]:
     """All views of ``reports`` in one ``robustact.views/v1`` document. A defence table
-    that cannot be built (no report has the attack) is ``{"error": …}`` rather than fatal,
-    so a single report always has a page."""
+    that cannot be built (no report has the attack, or the baseline's columns are
+    incomplete) is ``{"error": …}`` rather than fatal, so a single report always has a page."""
     if not reports:
         raise ReportError("the views need at least one report")
     names = _names(reports, names)
@@ -228,6 +307,8 @@ def build_views(reports: Reports, baseline: int | str | None = None, attack: str
         "modal_table": modal_table(reports, names=names),
         "defence_table": defences,
         "amr_weights": [v for v in (amr_weights(r, n) for r, n in zip(reports, names)) if v["amrs"]],
+        "worst_case": worst_case(reports, names),
+        "diagnostics": diagnostics(reports, names),
     }
 
 
@@ -367,13 +448,20 @@ td[rowspan] { vertical-align: top; }
 table.modal th:nth-child(2) { text-align: left; }
 thead th { border-bottom: 2px solid #999; }
 td.best { font-weight: bold; }
+td.flagged { background: #fde2e1; }
 .note { color: #666; font-size: 13px; }
+.banner { border: 1px solid #d9a400; background: #fff6d6; padding: 6px 14px; margin: 12px 0; }
+.banner ul { margin: 6px 0; padding-left: 20px; }
 """
 
 
 def _cell(value: float | None, digits: int = 2, best: bool = False) -> str:
     text = "–" if value is None else f"{value:.{digits}f}"
     return f'<td class="best">{text}</td>' if best else f"<td>{text}</td>"
+
+
+def _text_cell(text: str, flagged: bool = False) -> str:
+    return f'<td class="flagged">{escape(text)}</td>' if flagged else f"<td>{escape(text)}</td>"
 
 
 def _table(head: Sequence[str], rows: list[str], css_class: str = "") -> str:
@@ -410,20 +498,30 @@ def _modal_html(view: dict[str, Any]) -> str:
             label = row["attack"] + (f" ε={_fmt(row['eps'])}/255" if counts[row["attack"]] > 1 else "")
             rows.append(f"<tr>{first if i == 0 else ''}<td>{escape(label)}</td>" + "".join(
                 _cell(row[k]) for k in ("clean", "R", "S", "RS", "avg", "unimodal_R", "unimodal_S")) + "</tr>")
-    return _table(["Model", "Attack", *view["columns"]], rows, "modal")
+    note = ""
+    if any(row[m] is None for group in view["groups"] for row in group["rows"] for m in MODES):
+        note = ('<p class="note">–: mode not in the suite, or its column is incomplete (a worst-case cascade '
+                "attacks only the clips still standing; see the worst case).</p>")
+    return _table(["Model", "Attack", *view["columns"]], rows, "modal") + note
 
 
 def _defence_html(view: dict[str, Any]) -> str:
     if "error" in view:
         return f'<p class="note">{escape(view["error"])}</p>'
-    keys = ("clean", "R", "S", "RS", "avg", "ri")
-    best = {k: max(r[k] for r in view["rows"]) for k in keys}
-    rows = [f"<tr><td>{escape(r['name'])}</td>" + "".join(_cell(r[k], best=len(view["rows"]) > 1 and r[k] == best[k])
-                                                         for k in keys) + "</tr>" for r in view["rows"]]
+    keys = [COLUMN_KEYS[c] for c in view["columns"]]
+    best = {k: max((r.get(k) for r in view["rows"] if r.get(k) is not None), default=None) for k in keys}
+    rows = [f"<tr><td>{escape(r['name'])}</td>" + "".join(
+        _cell(r.get(k), best=len(view["rows"]) > 1 and r.get(k) is not None and r.get(k) == best[k]) for k in keys)
+        + "</tr>" for r in view["rows"]]
     budgets = sorted({r["eps_used"] for r in view["rows"]})
     eps = f", ε = {' / '.join(_fmt(b) for b in budgets)} (×1/255)"
+    wc = ""
+    if "wc" in keys:
+        wc = (" WC: overall worst case at the row's budget (clean-correct and broken by no attack of any mode "
+              "of the suite); – for reports without one (v1).")
+    per_mode = " ✗R/✗S/✗RS: worst case per mode over the suite." if view["attack"].lower() == WORST_CASE else ""
     html = (f'<p class="note">{escape(view["attack"])}{escape(eps)}; RI against '
-            f"<strong>{escape(view['baseline'])}</strong>. Best value per column in bold.</p>"
+            f"<strong>{escape(view['baseline'])}</strong>. Best value per column in bold.{escape(per_mode + wc)}</p>"
             + _table(["Defence", *view["columns"]], rows))
     if view.get("skipped"):
         items = "".join(f"<li>{escape(s['name'])}: {escape(s['reason'])}</li>" for s in view["skipped"])
@@ -448,6 +546,83 @@ def _amr_html(views: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
+def _eps_label(row: dict[str, Any]) -> str:
+    if row["eps_skel"] == row["eps"]:
+        return _fmt(row["eps"])
+    return f"{_fmt(row['eps'])} RGB / {_fmt(row['eps_skel'])} skeleton"
+
+
+def _worst_case_html(view: dict[str, Any] | None) -> str:
+    if not view or not view["groups"]:
+        return '<p class="note">No report has a worst-case section (robustact.report/v1 reports have none).</p>'
+    rows = []
+    for group in view["groups"]:
+        cascade = " (worst-case cascade)" if group["strategy"] == WORST_CASE else ""
+        first = f'<td rowspan="{len(group["rows"])}">{escape(group["report"] + cascade)}</td>'
+        for i, row in enumerate(group["rows"]):
+            rows.append(f"<tr>{first if i == 0 else ''}<td>{escape(_eps_label(row))}</td>"
+                        + "".join(_cell(v) for v in (group["clean"], row["R"], row["S"], row["RS"], row["avg"]))
+                        + _cell(row["overall"]) + f"<td>{escape(', '.join(row['attacks']))}</td></tr>")
+    html = ('<p class="note">Per clip, over every attack of the budget: a clip counts as robust only if it is '
+            "correct on clean input and no attack broke it. ✗RS also counts clips broken by an R-only or S-only "
+            "attack (such a perturbation is an RS perturbation too); Overall: broken by no attack of any mode. "
+            "–: mode not in the suite.</p>"
+            + _table(["Model", "ε (×1/255)", *view["columns"], "Attacks"], rows, "modal worst-case"))
+    if view["without"]:
+        html += f'<p class="note">No worst case (v1 reports): {escape(", ".join(view["without"]))}.</p>'
+    return html
+
+
+def _banner_html(view: dict[str, Any] | None) -> str:
+    if not view or not view["flags"]:
+        return ""
+    items = "".join(f"<li><strong>{escape(f['report'])}</strong> [{escape(f['check'])}]: {escape(f['message'])}</li>"
+                    for f in view["flags"])
+    return (f'<div class="banner" id="diagnostics-warning" role="alert"><strong>Warning: the diagnostics of '
+            f'{len({f["report"] for f in view["flags"]})} report(s) raised {len(view["flags"])} flag(s); their '
+            f'robust accuracies may be overestimated (gradient masking?).</strong> '
+            f'See <a href="#diagnostics">Diagnostics</a>.<ul>{items}</ul></div>')
+
+
+def _diagnostics_html(view: dict[str, Any] | None) -> str:
+    if not view or not view["rows"]:
+        return '<p class="note">No report holds diagnostics (robustact.report/v1 reports have none).</p>'
+
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{value:.1f}"
+
+    rows = []
+    for r in view["rows"]:
+        flagged = set(r["checks_flagged"])
+
+        def cell(field: str, text: str) -> str:  # shaded when its check raised a flag and it is not nil
+            return _text_cell(text, _DIAGNOSTIC_CHECKS[field] in flagged and bool(r[field]))
+
+        black = "–" if r["black_box_clips"] is None else (
+            f"{r['black_box_clips']} ({r['black_box_percent']:.2f}%)")
+        probs = "–" if r["probabilities"] is None else ("yes" if r["probabilities"] else "no")
+        rows.append(f"<tr><td>{escape(r['report'])}</td>" + _text_cell(str(r["flags"]), bool(r["flags"]))
+                    + cell("zero_gradient_rgb", pct(r["zero_gradient_rgb"]))
+                    + cell("zero_gradient_skel", pct(r["zero_gradient_skel"]))
+                    + cell("unbounded", "–" if r["unbounded"] is None else f"{r['unbounded']:.2f}")
+                    + cell("black_box_clips", black)
+                    + cell("monotonic_eps", str(r["monotonic_eps"])) + cell("monotonic_steps", str(r["monotonic_steps"]))
+                    + cell("unstable_clips", "–" if r["unstable_clips"] is None else str(r["unstable_clips"]))
+                    + cell("probabilities", probs) + "</tr>")
+    head = ["Report", "Flags", "Zero grad. RGB %", "Zero grad. skeleton %", "Unbounded acc. %",
+            "Square-only breaks", "Non-monotone in ε", "Non-monotone in steps", "Unstable clips", "Probabilities"]
+    html = (_table(head, rows, "diagnostics")
+            + '<p class="note">Zero grad.: clean-correct clips whose CE gradient w.r.t. that modality is exactly '
+              "zero (flagged when any). Unbounded: accuracy under PGD20 with ε = 1 on both modalities (flagged "
+              "above 1%). Square-only breaks: clips the score-based Square attack broke and no gradient attack "
+              "of the same budget and mode did, worst budget × mode (flagged above 0.2%). Non-monotone: accuracy "
+              "rising with ε or with steps. Unstable: two identical passes gave different logits. Probabilities: "
+              "the outputs look like softmax, not logits. Flagged cells are shaded.</p>")
+    if view["without"]:
+        html += f'<p class="note">No diagnostics (v1 reports): {escape(", ".join(view["without"]))}.</p>'
+    return html
+
+
 def render_html(reports: Reports, baseline: int | str | None = None, attack: str | None = "PGD20",
                 title: str = "robustact report", eps: float | None = None,
                 names: Sequence[str] | None = None) -> str:
@@ -459,7 +634,8 @@ def render_html(reports: Reports, baseline: int | str | None = None, attack: str
 def views_html(views: dict[str, Any], title: str = "robustact report",
                extra_tables: Sequence[tuple[str, str, dict[str, Any]]] = ()) -> str:
     """The page of a ``build_views`` document. ``extra_tables`` appends further
-    Table-2-layout sections ``(id, heading, defence_table view)`` (e.g. Tables 4 and 5)."""
+    Table-2-layout sections ``(id, heading, defence_table view)`` (e.g. Tables 4 and 5).
+    A document without ``worst_case`` / ``diagnostics`` (built by hand) gets notes there."""
     listed = ", ".join(views["reports"])
     extra = "".join(f'<section id="{escape(sid)}">\n<h2>{escape(heading)}</h2>\n{_defence_html(view)}\n</section>\n'
                     for sid, heading, view in extra_tables)
@@ -474,6 +650,7 @@ def views_html(views: dict[str, Any], title: str = "robustact report",
 </head>
 <body>
 <h1>{escape(title)}</h1>
+{_banner_html(views.get("diagnostics"))}
 <p class="note">{len(views["reports"])} report(s): {escape(listed)}. Accuracies in %, budgets ε in units of 1/255.</p>
 <section id="robustness-curves">
 <h2>Robustness curves (Figure 2)</h2>
@@ -490,6 +667,14 @@ def views_html(views: dict[str, Any], title: str = "robustact report",
 <section id="amr-weights">
 <h2>AMR weights (Table 3, Figure 4)</h2>
 {_amr_html(views["amr_weights"])}
+</section>
+<section id="worst-case">
+<h2>Worst case</h2>
+{_worst_case_html(views.get("worst_case"))}
+</section>
+<section id="diagnostics">
+<h2>Diagnostics</h2>
+{_diagnostics_html(views.get("diagnostics"))}
 </section>
 {extra}</body>
 </html>

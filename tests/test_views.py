@@ -8,18 +8,20 @@ import re
 import shutil
 import struct
 import zlib
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from models.report import ReportError, compare
-from models.views import (amr_weights, build_views, defence_table, modal_table, nice_ticks, render_html,
-                          robustness_curves)
+from models.report import COLUMNS, ReportError, compare
+from models.views import (amr_weights, build_views, defence_table, diagnostics, modal_table, nice_ticks, render_html,
+                          robustness_curves, views_html, worst_case)
 from service.cli import app
 from tests.fixtures.make_paper_reports import PAPER_RI, TABLE2, paper_report
-from tests.fixtures.make_view_reports import EPS, fusion_report, unimodal_report, view_reports
+from tests.fixtures.make_view_reports import (EPS, fusion_report, unimodal_report, v2_report, v2_reports,
+                                              view_reports)
 from tests.fixtures.make_view_reports import write as write_view_reports
 
 
@@ -201,6 +203,224 @@ def test_cli_report_writes_html_and_json(tmp_path):
     assert page.startswith("<!DOCTYPE html>") and "<title>Synthetic</title>" in page
     result = runner.invoke(app, ["report", str(paths[0]), "--baseline", "Nobody", "--out", str(tmp_path / "x.html")])
     assert result.exit_code == 2 and "not one of" in result.output
+
+
+# --------------------------------------------------------------------------- v2 reports
+
+
+def section(page: str, sid: str) -> str:
+    match = re.search(rf'<section id="{sid}">(.*?)</section>', page, re.S)
+    assert match, f"no section {sid}"
+    return match.group(1)
+
+
+def table_head(html: str) -> list[str]:
+    return re.findall(r"<th>(.*?)</th>", html.split("<tbody>", 1)[0])
+
+
+def table_rows(html: str) -> list[list[str]]:
+    """The cells' inner HTML of each body row of the first table in ``html``."""
+    body = html.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    return [re.findall(r"<td[^>]*>(.*?)</td>", tr) for tr in re.findall(r"<tr>(.*?)</tr>", body)]
+
+
+def budget(report, eps):
+    return next(w for w in report["worst_case"] if round(w["eps_rgb"] * 255, 3) == eps)
+
+
+def attack_entry(report, label, eps):
+    return next(a for a in report["attacks"] if a["label"] == label and round(a["eps_rgb"] * 255, 3) == eps)
+
+
+def test_v2_fixture_is_built_like_an_evaluation():
+    full, _, cascade, masked = v2_reports()
+    assert full["schema"] == cascade["schema"] == "robustact.report/v2"
+    assert (full["config"]["strategy"], cascade["config"]["strategy"]) == ("full", "worst-case")
+    # The cascade attacks only the clips still standing, yet finds the same worst case and diagnostics.
+    assert cascade["worst_case"] == full["worst_case"] and cascade["diagnostics"] == full["diagnostics"]
+    pgd = attack_entry(cascade, "PGD20", 8)["modes"]["R"]
+    assert pgd["accuracy"] is None and pgd["complete"] is False
+    assert attack_entry(full, "PGD20", 8)["modes"]["R"]["complete"] is True
+    assert full["diagnostics"]["flags"] == [] and masked["diagnostics"]["flags"]
+
+
+def test_defence_table_has_the_worst_case_column():
+    reports = v2_reports()[:2] + [fusion_report("v1", defence="at-rs")]
+    for eps in (2, 8):
+        table = defence_table(reports, attack="PGD20", eps=eps)
+        assert table["columns"] == list(COLUMNS) and table["columns"][-1] == "WC" and table["skipped"] == []
+        for row, report in zip(table["rows"], reports[:2]):
+            assert row["wc"] == budget(report, eps)["overall"]["accuracy"]
+            assert row["wc"] <= min(row["R"], row["S"], row["RS"])  # no attack does better than all of them
+        assert table["rows"][2]["wc"] is None  # a v1 report has no worst case
+    table = defence_table(reports, attack="PGD20", eps=8)
+    html = section(render_html(reports, attack="PGD20", eps=8), "defence-table")
+    assert table_head(html) == ["Defence", *COLUMNS]
+    rows = table_rows(html)
+    assert [len(r) for r in rows] == [1 + len(COLUMNS)] * 3
+    assert [r[-1] for r in rows] == [f"{table['rows'][0]['wc']:.2f}", f"{table['rows'][1]['wc']:.2f}", "–"]
+    assert [r[5] for r in rows] == [f"{row['avg']:.2f}" for row in table["rows"]]
+    assert "WC: overall worst case" in html
+    # The paper's v1 reports: the WC column is there and empty.
+    paper = table_rows(section(render_html(paper_reports()), "defence-table"))
+    assert {r[-1] for r in paper} == {"–"} and len(paper) == 8
+
+
+def test_defence_table_lists_an_incomplete_cascade_under_skipped():
+    full, _, cascade, _ = v2_reports()
+    table = defence_table([full, cascade], attack="PGD20", eps=8)
+    assert [r["name"] for r in table["rows"]] == ["None"]
+    assert [s["name"] for s in table["skipped"]] == ["Cascade"]
+    assert "worst-case cascade" in table["skipped"][0]["reason"] and "'worst-case'" in table["skipped"][0]["reason"]
+    html = section(render_html([full, cascade], attack="PGD20", eps=8), "defence-table")
+    assert "Left out" in html and escape(table["skipped"][0]["reason"]) in html
+    with pytest.raises(ReportError, match="baseline 'Cascade'.*cascade"):
+        defence_table([full, cascade], baseline="Cascade", attack="PGD20", eps=8)
+    only = build_views([cascade], attack="PGD20", eps=8)
+    assert "cascade" in only["defence_table"]["error"]
+    assert "cascade" in section(views_html(only), "defence-table")
+    # The worst-case columns of both: the cascade finds what the full run finds.
+    worst = defence_table([full, cascade], attack="worst-case", eps=8)
+    assert worst["skipped"] == [] and worst["attack"] == "worst-case"
+    w8 = budget(cascade, 8)
+    row = worst["rows"][1]
+    assert (row["R"], row["S"], row["RS"], row["wc"], row["eps_used"]) == (
+        w8["modes"]["R"]["accuracy"], w8["modes"]["S"]["accuracy"], w8["modes"]["RS"]["accuracy"],
+        w8["overall"]["accuracy"], 8.0)
+    assert worst["rows"][0] == {**row, "name": "None"} and row["ri"] == 0
+    # Several budgets and no eps: compare's error; a v1 report has no worst case to show.
+    with pytest.raises(ReportError, match="several budgets"):
+        defence_table([full, cascade], attack="worst-case")
+    mixed = defence_table([full, fusion_report("v1", defence="at-rs")], attack="worst-case", eps=8)
+    assert mixed["skipped"] == [{"name": "v1", "reason": "no worst-case section at ε = 8/255"}]
+
+
+def test_null_cells_render_as_dashes():
+    cascade = v2_reports()[2]
+    view = modal_table([cascade], eps=8)
+    rows = {r["attack"]: r for r in view["groups"][0]["rows"]}
+    fgsm = attack_entry(cascade, "FGSM", 8)["modes"]
+    assert rows["FGSM"]["R"] == fgsm["R"]["accuracy"] and fgsm["R"]["complete"]  # the cascade's first link
+    assert rows["FGSM"]["RS"] is None and rows["FGSM"]["avg"] is None
+    assert all(rows["PGD20"][m] is None for m in ("R", "S", "RS", "avg"))
+    html = section(render_html([cascade]), "modal-table")
+    cells = {r[-8]: r[-7:] for r in table_rows(html)}  # attack label → ✓RS … Unimodal ✓S
+    assert cells["PGD20 ε=8/255"] == ["90.00", "–", "–", "–", "–", "–", "–"]
+    assert cells["FGSM ε=8/255"][:5] == ["90.00", f"{fgsm['R']['accuracy']:.2f}", f"{fgsm['S']['accuracy']:.2f}",
+                                         "–", "–"]
+    assert "column is incomplete" in html
+    # Figure 2 draws only what is known: no panel of an attack without any complete column.
+    panels = robustness_curves([cascade])["panels"]
+    assert "Square100" not in [p["attack"] for p in panels]
+    assert all(p["accuracy"] is not None for panel in panels for pts in panel["series"].values() for p in pts)
+
+
+def test_worst_case_view_and_section():
+    reports = v2_reports() + [fusion_report("v1"), v2_report("RGB+skeleton only", modes=("R", "S"))]
+    view = build_views(reports)["worst_case"]
+    assert view == worst_case(reports)
+    assert [g["report"] for g in view["groups"]] == ["None", "AT-RS", "Cascade", "Masked <m>", "RGB+skeleton only"]
+    assert view["without"] == ["v1"]
+    for group, report in zip(view["groups"][:4], reports):
+        assert group["strategy"] == report["config"]["strategy"] and group["clean"] == 90.0
+        assert [r["eps"] for r in group["rows"]] == [2.0, 8.0]
+        for row in group["rows"]:
+            w = budget(report, row["eps"])
+            assert row["attacks"] == w["attacks"] == ["FGSM", "PGD20", "Square100"]
+            assert [row[m] for m in ("R", "S", "RS")] == [w["modes"][m]["accuracy"] for m in ("R", "S", "RS")]
+            assert row["overall"] == w["overall"]["accuracy"] and row["avg"] == pytest.approx(w["avg"])
+            assert row["RS"] <= min(row["R"], row["S"]) and row["overall"] <= row["RS"]
+    # ✗RS counts R-only and S-only breaks: below every single RS attack of the budget here.
+    none8 = view["groups"][0]["rows"][1]
+    assert none8["RS"] < min(attack_entry(reports[0], label, 8)["modes"]["RS"]["accuracy"]
+                             for label in ("FGSM", "PGD20", "Square100"))
+    assert view["groups"][2]["rows"] == view["groups"][0]["rows"]  # cascade = full
+    partial = view["groups"][-1]["rows"][0]
+    assert partial["RS"] is None and partial["avg"] is None and partial["overall"] is not None
+
+    html = section(render_html(reports), "worst-case")
+    assert table_head(html) == ["Model", "ε (×1/255)", "✓RS", "✗R", "✗S", "✗RS", "Avg", "Overall", "Attacks"]
+    rows = table_rows(html)
+    assert len(rows) == 2 * 5
+    assert rows[1] == ["8", "90.00", *(f"{none8[k]:.2f}" for k in ("R", "S", "RS", "avg", "overall")),
+                       "FGSM, PGD20, Square100"]
+    assert rows[-2][0] == "RGB+skeleton only" and rows[-2][5:7] == ["–", "–"]
+    assert "Cascade (worst-case cascade)" in html and "Masked &lt;m&gt;" in html
+    assert "No worst case (v1 reports): v1" in html
+    assert "No report has a worst-case section" in section(render_html(view_reports()), "worst-case")
+
+
+def test_diagnostics_banner_appears_iff_a_flag_is_raised():
+    quiet = v2_reports()[:3]
+    assert all(r["diagnostics"]["flags"] == [] for r in quiet)
+    for page in (render_html(quiet), render_html(view_reports()), render_html(paper_reports())):
+        assert "diagnostics-warning" not in page and 'class="banner"' not in page
+    masked = v2_reports()[3]
+    masked["diagnostics"]["flags"].append({"check": "custom<x>", "message": "<script>alert(1)</script> & co"})
+    page = render_html([quiet[0], masked])
+    assert "script" not in [t for t, _ in parse(page).tags] and "<script>" not in page
+    banner = re.search(r'<div class="banner" id="diagnostics-warning" role="alert">(.*?)</div>', page, re.S).group(1)
+    assert page.index('id="diagnostics-warning"') < page.index("<section")  # at the top of the page
+    items = re.findall(r"<li>(.*?)</li>", banner)
+    assert items == [f"<strong>Masked &lt;m&gt;</strong> [{escape(f['check'])}]: {escape(f['message'])}"
+                     for f in masked["diagnostics"]["flags"]]
+    assert {"zero_gradient", "unbounded", "black_box"} < {f["check"] for f in masked["diagnostics"]["flags"]}
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in banner and "1 report(s)" in banner
+    assert '<a href="#diagnostics">' in banner
+
+
+def test_diagnostics_section_summarises_each_report():
+    reports = [v2_reports()[0], v2_reports()[3], fusion_report("v1")]
+    d = reports[1]["diagnostics"]
+    d["monotonic_steps"] = [{"mode": "R", "from": {"steps": 1, "attack": "FGSM", "accuracy": 50.0},
+                             "to": {"steps": 20, "attack": "PGD20", "accuracy": 60.0}}]
+    d["flags"].append({"check": "monotonic_steps", "message": "✗R: PGD20 (60.00%) is weaker than FGSM (50.00%)"})
+    view = diagnostics(reports)
+    assert view == build_views(reports)["diagnostics"] and view["without"] == ["v1"]
+    assert [f["report"] for f in view["flags"]] == ["Masked <m>"] * len(d["flags"])
+    none, masked = view["rows"]
+    assert none["flags"] == 0 and none["checks_flagged"] == [] and none["unbounded"] == 0.0
+    assert none["black_box_clips"] == 0 and none["black_box_cells"] == 6 and none["zero_gradient_rgb"] == 0.0
+    assert masked["flags"] == len(d["flags"])
+    assert masked["checks_flagged"] == ["black_box", "monotonic_steps", "unbounded", "zero_gradient"]
+    assert masked["zero_gradient_rgb"] == d["zero_gradient"]["rgb"] > 0
+    assert masked["unbounded"] == d["unbounded"]["accuracy"] > d["unbounded"]["threshold"]
+    assert masked["black_box_clips"] == max(b["clips"] for b in d["black_box"]) > 0
+    assert (masked["monotonic_eps"], masked["monotonic_steps"], masked["unstable_clips"], masked["probabilities"]) \
+        == (0, 1, 0, False)
+
+    html = section(render_html(reports), "diagnostics")
+    rows = table_rows(html)
+    assert [r[0] for r in rows] == ["None", "Masked &lt;m&gt;"]
+    assert rows[1][1:] == [str(len(d["flags"])), f"{masked['zero_gradient_rgb']:.1f}", "0.0",
+                           f"{masked['unbounded']:.2f}", f"{masked['black_box_clips']} ({masked['black_box_percent']:.2f}%)",
+                           "0", "1", "0", "no"]
+    shaded = re.findall(r'<td class="flagged">(.*?)</td>', html)
+    assert shaded == [rows[1][i] for i in (1, 2, 4, 5, 7)]  # flags, zero RGB, unbounded, Square-only, steps
+    assert "No diagnostics (v1 reports): v1" in html
+    assert "No report holds diagnostics" in section(render_html(view_reports()), "diagnostics")
+
+
+def test_views_of_v2_reports_are_json_and_pages_without_the_new_views_still_render():
+    views = build_views(v2_reports() + view_reports())
+    assert json.loads(json.dumps(views)) == views
+    # A document assembled by hand (as models.reproduce does) has no worst case or diagnostics.
+    legacy = {k: v for k, v in views.items() if k not in ("worst_case", "diagnostics")}
+    page = views_html(legacy)
+    assert "No report has a worst-case section" in page and "diagnostics-warning" not in page
+
+
+def test_cli_report_of_v2_reports(tmp_path):
+    paths = write_view_reports(tmp_path / "reports", v2_reports())
+    result = CliRunner().invoke(app, ["report", *map(str, paths), "--out", str(tmp_path / "page.html"),
+                                      "--json", str(tmp_path / "views.json"), "--attack", "worst-case", "--eps", "8"])
+    assert result.exit_code == 0, result.output
+    views = json.loads((tmp_path / "views.json").read_text())
+    table = views["defence_table"]
+    assert [r["name"] for r in table["rows"]] == ["None", "AT-RS", "Cascade", "Masked <m>"]
+    assert [r["wc"] for r in table["rows"]] == [budget(r, 8)["overall"]["accuracy"] for r in v2_reports()]
+    page = (tmp_path / "page.html").read_text()
+    assert 'id="diagnostics-warning"' in page and 'id="worst-case"' in page
 
 
 # --------------------------------------------------------------------------- Chromium

@@ -7,6 +7,8 @@ from models.report import (ReportError, average, compare, format_comparison, loa
                            relative_improvement, validate_report)
 from service.cli import app
 from tests.fixtures.make_paper_reports import PAPER_RI, TABLE2, paper_report, write
+from tests.fixtures.make_view_reports import v2_reports
+from tests.fixtures.make_view_reports import write as write_v2
 
 
 def test_metrics_follow_equations_13_and_14():
@@ -27,7 +29,8 @@ def test_compare_reproduces_the_papers_ri_column(dataset):
         expected[4] = 17.00
     # The paper rounds Avg before subtracting in a few rows; allow one unit in the last place.
     assert got == pytest.approx(expected, abs=0.011)
-    assert table["baseline"] == "None" and table["columns"] == ["✓RS", "✗R", "✗S", "✗RS", "Avg", "RI"]
+    assert table["baseline"] == "None" and table["columns"] == ["✓RS", "✗R", "✗S", "✗RS", "Avg", "RI", "WC"]
+    assert all(r["wc"] is None for r in table["rows"])  # v1 reports have no worst case
 
 
 def test_cli_compare_prints_the_papers_amr_row(tmp_path):
@@ -36,7 +39,7 @@ def test_cli_compare_prints_the_papers_amr_row(tmp_path):
     result = runner.invoke(app, ["compare", *map(str, paths), "--baseline", "None", "--json", str(tmp_path / "c.json")])
     assert result.exit_code == 0, result.output
     amr_line = [l for l in result.output.splitlines() if l.startswith("AMR ")][0]
-    assert amr_line.split()[1:] == ["81.65", "68.54", "80.40", "66.52", "71.82", "60.69"]
+    assert amr_line.split()[1:] == ["81.65", "68.54", "80.40", "66.52", "71.82", "60.69", "-"]  # WC: none in v1
     stored = json.loads((tmp_path / "c.json").read_text())
     assert stored["rows"][-1]["name"] == "AMR" and round(stored["rows"][-1]["ri"], 2) == 60.69
 
@@ -69,3 +72,20 @@ def test_format_comparison_is_a_table():
     reports = [paper_report(*row, dataset="ntu") for row in TABLE2["ntu"][:2]]
     text = format_comparison(compare(reports))
     assert "RI against None" in text and text.count("\n") == 4
+
+
+def test_compare_reads_the_worst_case_of_v2_reports(tmp_path):
+    full, at_rs, cascade, _ = v2_reports()
+    table = compare([full, at_rs], attack="PGD20", eps=8)
+    assert [r["wc"] for r in table["rows"]] == [w["overall"]["accuracy"] for r in (full, at_rs)
+                                                for w in r["worst_case"] if round(w["eps_rgb"] * 255) == 8]
+    assert "WC: overall worst case" in format_comparison(table)
+    with pytest.raises(ReportError, match="worst-case cascade"):
+        compare([cascade], attack="PGD20", eps=8)
+    worst = compare([full, cascade], attack="worst-case", eps=8)
+    assert worst["rows"][1] == {**worst["rows"][0], "name": "Cascade"}
+    paths = write_v2(tmp_path / "v2", [full, cascade])
+    result = CliRunner().invoke(app, ["compare", *map(str, paths), "--attack", "worst-case", "--eps", "8"])
+    assert result.exit_code == 0, result.output
+    line = [l for l in result.output.splitlines() if l.startswith("Cascade ")][0]
+    assert line.split()[-1] == f"{worst['rows'][1]['wc']:.2f}"

@@ -21,7 +21,8 @@ Output folder::
     OUT/plan.json                    the plan (a rerun with another plan is refused)
     OUT/data/raw/, OUT/data/cache/   synthetic set and its cache
     OUT/runs/<key>/model/            checkpoints (runs/<key>/last/ while training)
-    OUT/reports/<key>.json           robustact.report/v1 reports
+    OUT/reports/<key>.json           robustact.report/v2 reports (+ <key>.clips.npz per-clip records)
+    OUT/diagnostics.md|json          worst case and gradient-masking diagnostics of every model
     OUT/table{1..5}.md|json, OUT/table2-cw.md|json
     OUT/figure2-<attack>.svg, OUT/figure4-amr<i>.svg, OUT/index.html, OUT/views.json
 
@@ -31,6 +32,7 @@ cache), and an interrupted training resumes from its last epoch checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -353,17 +355,23 @@ def run_plan(plan: ReproducePlan, out: str | Path, *, device: str | None = None,
     engine's step dicts (``phase`` train/evaluate/data) plus ``stage`` and ``stages``.
     Returns ``{"out", "stages": [{kind, key, status, seconds}], "seconds", "files"}``.
     """
-    import torch
-
     out = Path(out)
     _check_plan(plan, out)
-    # Flush denormals to zero while the plan runs: as adversarial training goes on, the
-    # attacks' eval-mode gradients drift into the denormal range and a CPU epoch of AT
-    # slowed from 5.5 s to 12-15 s (measured on AT-R, default plan). Values below 1e-38
-    # do not matter to any result here.
+    return _run(plan, out, device, log, progress)
+
+
+@contextlib.contextmanager
+def _flush_denormals():
+    """Flush denormals to zero, for training stages only: as adversarial training goes on,
+    the inner attack's eval-mode gradients drift into the denormal range and a CPU epoch of
+    AT slowed from 5.5 s to 12-15 s (measured on AT-R, default plan). Never during
+    evaluation: a flushed gradient is exactly 0, sign(0) = 0 and that coordinate would never
+    move, so the same checkpoint could score differently here and under ``evaluate``."""
+    import torch
+
     flush = torch.set_flush_denormal(True)
     try:
-        return _run(plan, out, device, log, progress)
+        yield
     finally:
         if flush:
             torch.set_flush_denormal(False)
@@ -421,8 +429,9 @@ def _run_stage(plan, out: Path, cache: Path, stage: Stage, device, step) -> str:
 
         dataset = ClipDataset(cache, protocol="xsub", split="train")
         model_cfg, train_cfg = _configs(plan, stage.spec, len(dataset.class_names))
-        train(model_cfg, train_cfg, dataset, run_dir, preset=PRESET, device=device, resume=True,
-              progress=lambda p: step(p) if p["phase"] == "train" else None)
+        with _flush_denormals():
+            train(model_cfg, train_cfg, dataset, run_dir, preset=PRESET, device=device, resume=True,
+                  progress=lambda p: step(p) if p["phase"] == "train" else None)
         return "done"
     if stage.kind == "evaluate":
         path = out / "reports" / f"{stage.key}.json"
@@ -431,18 +440,20 @@ def _run_stage(plan, out: Path, cache: Path, stage: Stage, device, step) -> str:
         from .checkpoint import load_checkpoint
         from .data.cache import ClipDataset
         from .evaluate import evaluate
+        from .report import write_report
 
         model_dir = out / "runs" / stage.key / "model"
         net, meta = load_checkpoint(model_dir)
         dataset = ClipDataset(cache, protocol="xsub", split="test")
         if plan.eval_limit is not None and plan.eval_limit < len(dataset):
             dataset = dataset.subset(plan.eval_limit, seed=plan.seed)
-        report = evaluate(net, meta, dataset, _suite(plan, stage.spec), batch_size=plan.eval_batch_size,
-                          seed=plan.seed, device=device, progress=step,
-                          dataset_info={"name": "synthetic", "cache": str(cache), "protocol": "xsub", "split": "test"},
-                          model_info={"name": stage.spec.name, "key": stage.key, "checkpoint": str(model_dir)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, json.dumps(report, indent=2))
+        report, records = evaluate(net, meta, dataset, _suite(plan, stage.spec), batch_size=plan.eval_batch_size,
+                                   seed=plan.seed, device=device, progress=step,
+                                   dataset_info={"name": "synthetic", "cache": str(cache), "protocol": "xsub",
+                                                 "split": "test"},
+                                   model_info={"name": stage.spec.name, "key": stage.key,
+                                               "checkpoint": str(model_dir)})
+        write_report(report, records, path)
         return "done"
     write_outputs(plan, out)
     return "done"
@@ -484,7 +495,7 @@ PAPER = {
 }
 
 TABLE_FILES = [f"table{n}.{ext}" for n in (1, 2, 3, 4, 5) for ext in ("md", "json")] + \
-              ["table2-cw.md", "table2-cw.json", "index.html", "views.json"]
+              ["table2-cw.md", "table2-cw.json", "diagnostics.md", "diagnostics.json", "index.html", "views.json"]
 ACC_COLUMNS = (("clean", "✓RS"), ("R", "✗R"), ("S", "✗S"), ("RS", "✗RS"), ("avg", "Avg"))
 
 
@@ -624,6 +635,31 @@ def write_outputs(plan: ReproducePlan, out: str | Path) -> list[str]:
                                  "num_amr": plan.lam_num_amr, "baseline": "None", "scale": scale,
                                  "models": dict(zip(t5_names, t5_keys)), "rows": view5["rows"],
                                  "paper": PAPER["table5"]}, "\n".join(md))
+
+    # Worst case and gradient-masking diagnostics of every model (not in the paper).
+    diag_rows = []
+    for spec in model_specs(plan):
+        rep = reports[spec.key]
+        worst = [w for w in rep.get("worst_case") or [] if round(w["eps_rgb"] * 255, 3) == round(plan.eps, 3)]
+        d = rep.get("diagnostics") or {}
+        zero = d.get("zero_gradient") or {}
+        unbounded = d.get("unbounded") or {}
+        diag_rows.append({"name": spec.name, "key": spec.key, "clean": rep["clean"]["accuracy"],
+                          "worst_RS": worst[0]["modes"].get("RS", {}).get("accuracy") if worst else None,
+                          "worst_overall": worst[0]["overall"]["accuracy"] if worst else None,
+                          "unbounded": unbounded.get("accuracy"), "zero_grad_rgb": zero.get("rgb"),
+                          "zero_grad_skel": zero.get("skel"),
+                          "flags": [f["check"] for f in d.get("flags", [])]})
+    md = [f"# Worst case and gradient-masking diagnostics (ε = {_fmt(plan.eps)}/255)", "", scale, "",
+          "Worst case: a clip is robust only if no attack of the model's suite (every mode) broke it. Unbounded: "
+          "PGD20 in RS with ε = 1 (the whole [0, 1] box), which must reach ~0%. Zero grad: % of clean-correct clips "
+          "whose CE input gradient is exactly zero. Flags: docs/REPORT.md.", "",
+          markdown_table(["Model", "✓RS", "worst ✗RS", "worst overall", "unbounded", "zero grad R %",
+                          "zero grad S %", "flags"],
+                         [[r["name"], r["clean"], r["worst_RS"], r["worst_overall"], r["unbounded"], r["zero_grad_rgb"],
+                           r["zero_grad_skel"], ", ".join(r["flags"]) or "none"] for r in diag_rows])]
+    _write_table(out, "diagnostics", {"title": "Worst case and diagnostics", "eps": plan.eps, "scale": scale,
+                                      "rows": diag_rows}, "\n".join(md))
 
     # Figure 2 (None: accuracy vs ε per attack) and Figure 4 (AMR per-channel weights).
     for old in out.glob("figure*.svg"):

@@ -205,8 +205,8 @@ def train(
 def evaluate(
     model: Annotated[Path, typer.Option(help="Checkpoint directory (RUN/model) with model.safetensors and config.json.")],
     data: Annotated[Path, typer.Option(help="Prepared cache directory.")],
-    out: Annotated[Path, typer.Option(help="Report JSON to write (schema robustact.report/v1).")],
-    attacks: Annotated[str, typer.Option(help="Comma-separated attacks: fgsm, pgdK, cwK (e.g. fgsm,pgd20,cw30).")] = "fgsm,pgd20,cw30",
+    out: Annotated[Path, typer.Option(help="Report JSON to write (schema robustact.report/v2); the per-clip records go beside it as <name>.clips.npz.")],
+    attacks: Annotated[str, typer.Option(help="Comma-separated attacks: fgsm, pgdK, cwK, apgd-ce[K], apgd-dlr[K], square[K] (K = queries), or autoattack (= apgd-ce,apgd-dlr,square, run as a cascade).")] = "fgsm,pgd20,cw30",
     modes: Annotated[str, typer.Option(help="Comma-separated modes: R (RGB only), S (skeleton only), RS (both).")] = "R,S,RS",
     eps: Annotated[str, typer.Option(help="Comma-separated budgets ε in 1/255 units, same for both modalities (e.g. 2,4,6,8).")] = "8",
     alpha: Annotated[float, typer.Option(help="Step size α in 1/255 units (PGD, CW).")] = 2.0,
@@ -217,16 +217,20 @@ def evaluate(
     name: Annotated[Optional[str], typer.Option(help="Row name in comparisons (default: the run directory's name).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the attacks' random starts.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    restarts: Annotated[int, typer.Option(min=1, max=100, help="Restarts of every randomised attack (PGD/CW with random start, APGD, Square); the worst per clip is kept.")] = 1,
+    worst_case_only: Annotated[Optional[bool], typer.Option("--worst-case-only/--full", help="Worst-case cascade (per budget and mode, cheapest attack first, only the clips still standing) instead of every attack on every clip. Default: cascade for autoattack, full otherwise.")] = None,
+    diagnostics: Annotated[bool, typer.Option(help="Gradient-masking checks (zero gradients, unbounded attack, ...).")] = True,
 ):
-    """Attack a trained model with an attack suite (attacks × modes × ε) and write a report."""
+    """Attack a trained model with an attack suite (attacks × modes × ε) and write a report
+    and its per-clip records."""
     with _user_errors():
         import torch
         from torch.utils.data import Subset
 
         from models.checkpoint import load_checkpoint
         from models.config import ConfigError, ModelConfig
-        from models.evaluate import build_suite, evaluate as run_evaluation
-        from models.report import format_report
+        from models.evaluate import build_suite, check_suite, default_strategy, evaluate as run_evaluation
+        from models.report import format_report, write_report
 
         try:
             eps_list = [float(e) for e in _csv(eps)]
@@ -234,8 +238,11 @@ def evaluate(
             raise ConfigError("eps", f"expected comma-separated numbers, got {eps!r}") from None
         if split not in ("train", "test"):
             raise ConfigError("split", "must be train or test")
-        suite = build_suite(_csv(attacks), _csv(modes), eps_list, alpha)
+        suite = build_suite(_csv(attacks), _csv(modes), eps_list, alpha, restarts=restarts)
+        strategy = default_strategy(_csv(attacks)) if worst_case_only is None else (
+            "worst-case" if worst_case_only else "full")
         net, meta = load_checkpoint(model)
+        check_suite(suite, len(meta["class_names"]))
         dataset = _open_dataset(data, protocol, split)
         _check_sizes(dataset, ModelConfig.from_dict(meta["model"]))
         if list(dataset.class_names) != list(meta["class_names"]):
@@ -246,26 +253,28 @@ def evaluate(
             subset = Subset(dataset, sorted(order.tolist()))
         model_name = name or (model.parent.name if model.name == "model" else model.name)
         with _progress_bar("evaluating") as update:
-            report = run_evaluation(net, meta, subset, suite, batch_size=batch_size, seed=seed, device=device,
-                                    progress=lambda p: update(p["step"], p["steps"], info=f"clean {p['clean_accuracy']:.1f}%"),
-                                    dataset_info={"cache": str(data), "protocol": protocol, "split": split},
-                                    model_info={"name": model_name, "checkpoint": str(model)})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+            report, records = run_evaluation(
+                net, meta, subset, suite, batch_size=batch_size, seed=seed, device=device, strategy=strategy,
+                diagnostics=diagnostics,
+                progress=lambda p: update(p["step"], p["steps"], info=f"clean {p['clean_accuracy']:.1f}%"),
+                dataset_info={"cache": str(data), "protocol": protocol, "split": split},
+                model_info={"name": model_name, "checkpoint": str(model)})
+        _, clips = write_report(report, records, out)
     typer.echo(format_report(report))
-    typer.echo(f"report written to {out}")
+    typer.echo(f"report written to {out}, per-clip records to {clips}")
 
 
 @app.command()
 def compare(
     reports: Annotated[list[Path], typer.Argument(help="Report JSON files (from `robustact evaluate` or the API).")],
     baseline: Annotated[str, typer.Option(help="Baseline row for RI: an index into REPORTS or a row name.")] = "0",
-    attack: Annotated[str, typer.Option(help="Attack whose ✗R/✗S/✗RS columns are shown, e.g. PGD20, CW30, FGSM.")] = "PGD20",
+    attack: Annotated[str, typer.Option(help="Attack whose ✗R/✗S/✗RS columns are shown, e.g. PGD20, CW30, FGSM, APGD-CE100, or worst-case (the per-mode worst case over the whole suite).")] = "PGD20",
     eps: Annotated[Optional[float], typer.Option(help="Budget ε (1/255 units) to pick when a report holds several.")] = None,
     names: Annotated[Optional[str], typer.Option(help="Comma-separated row names (default: the reports' model names).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the comparison as JSON here ('-' for stdout only).")] = None,
 ):
-    """Table-2-style comparison (✓RS ✗R ✗S ✗RS Avg RI) of several reports, RI against a baseline."""
+    """Table-2-style comparison (✓RS ✗R ✗S ✗RS Avg RI, and WC: the overall worst case) of
+    several reports, RI against a baseline."""
     with _user_errors():
         from models.report import compare as build_comparison, format_comparison, load_report
 

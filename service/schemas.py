@@ -103,7 +103,9 @@ class EvaluateJobCreate(BaseModel):
     dataset_id: str | None = Field(None, description="id or name; default: the dataset the model was trained on")
     split: Literal["train", "test"] = "test"
     protocol: Protocol | None = None
-    attacks: list[str] = Field(["fgsm", "pgd20"], min_length=1, description="fgsm, pgdK or cwK (e.g. pgd20, cw30)")
+    attacks: list[str] = Field(["fgsm", "pgd20"], min_length=1,
+                               description="fgsm, pgdK, cwK, apgd-ce[K], apgd-dlr[K], square[K] (K = iterations; "
+                                           "queries for square), or autoattack (= apgd-ce, apgd-dlr, square)")
     modes: list[Mode] = Field(list(MODES), min_length=1)
     eps: list[Eps255] = Field([8.0], min_length=1)
     alpha: float = Field(2.0, gt=0, le=255, description="PGD/CW step size in 1/255 units")
@@ -111,6 +113,13 @@ class EvaluateJobCreate(BaseModel):
     batch_size: int = Field(16, ge=1, le=1024)
     seed: int = Field(0, ge=0)
     max_samples: int | None = Field(None, ge=1, description="evaluate a class-balanced subset of this size")
+    restarts: int = Field(1, ge=1, le=100, description="restarts of every randomised attack (the worst per clip is "
+                                                        "kept)")
+    strategy: Literal["full", "worst-case"] | None = Field(
+        None, description="full: every attack on every clean-correct clip (per-attack columns); worst-case: per "
+                          "budget and mode, cheapest attack first on the clips still standing (same worst case, "
+                          "cheaper). Default: worst-case for autoattack, full otherwise")
+    diagnostics: bool = Field(True, description="gradient-masking checks (zero gradients, unbounded attack, ...)")
 
 
 JobCreate = Annotated[TrainJobCreate | EvaluateJobCreate, Field(discriminator="kind")]

@@ -19,6 +19,14 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import urlparse
 
+# An evaluation's per-clip records are stored beside its report document.
+CLIPS_FILE = "clips.npz"
+
+
+def clips_key(report_key: str) -> str:
+    """The store key of the per-clip records of the report stored at ``report_key``."""
+    return report_key.rsplit("/", 1)[0] + "/" + CLIPS_FILE if "/" in report_key else CLIPS_FILE
+
 CHUNK = 1 << 20
 
 

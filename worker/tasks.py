@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import functools
+import io
 import json
 import logging
 import shutil
@@ -40,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Dataset, Job, Model, Report, make_engine, make_sessionmaker, new_id, utcnow
 from service.settings import Settings
-from service.store import ObjectNotFound, Store, materialize_dir, open_store
+from service.store import CLIPS_FILE, ObjectNotFound, Store, clips_key, materialize_dir, open_store
 from worker.celery_app import EVALUATE_TASK, TASK_FOR_KIND, TRAIN_TASK, app
 
 log = logging.getLogger("robustact.worker")
@@ -382,19 +383,32 @@ def _evaluate_body(ctx: Context, job: Job, run: JobRun, session: Session) -> Non
     if params.get("max_samples"):
         data = data.subset(params["max_samples"], seed=params["seed"])
     suite = [AttackConfig.from_dict(d) for d in params["suite"]]
-    report = evaluate(model, meta, data, suite, batch_size=params["batch_size"], seed=params["seed"],
-                      progress=run.progress, should_stop=run.should_stop, device=device_name(ctx.settings),
-                      dataset_info={"id": dataset.id, "name": dataset.name, "format": dataset.format,
-                                    "protocol": params["protocol"], "split": params["split"]},
-                      model_info={"name": model_row.name, "id": model_row.id})
+    report, records = evaluate(model, meta, data, suite, batch_size=params["batch_size"], seed=params["seed"],
+                               strategy=params.get("strategy", "full"), diagnostics=params.get("diagnostics", True),
+                               progress=run.progress, should_stop=run.should_stop, device=device_name(ctx.settings),
+                               dataset_info={"id": dataset.id, "name": dataset.name, "format": dataset.format,
+                                             "protocol": params["protocol"], "split": params["split"]},
+                               model_info={"name": model_row.name, "id": model_row.id})
     report_id = new_id()
     key = f"reports/{report_id}/report.json"
+    records_key = clips_key(key)
+    buffer = io.BytesIO()
+    records.save(buffer)
+    ctx.store.put_bytes(records_key, buffer.getvalue())
+    report["per_clip"]["file"] = CLIPS_FILE
     ctx.store.put_bytes(key, json.dumps(report, indent=2).encode())
+
+    def cleanup() -> None:
+        ctx.store.delete(key)
+        ctx.store.delete(records_key)
+
     session.add(Report(id=report_id, name=model_row.name, job_id=job.id, model_id=model_row.id,
                        dataset_id=dataset.id, artifact_key=key))
     _succeed_with(session, job.id, run.attempt,
-                  progress={"phase": "done", "clean_accuracy": report["clean"]["accuracy"]},
-                  cleanup=lambda: ctx.store.delete(key))
+                  progress={"phase": "done", "clean_accuracy": report["clean"]["accuracy"],
+                            "worst_case": [w["overall"]["accuracy"] for w in report["worst_case"]],
+                            "flags": len(report["diagnostics"]["flags"])},
+                  cleanup=cleanup)
 
 
 @app.task(name=EVALUATE_TASK, acks_late=True, reject_on_worker_lost=True)

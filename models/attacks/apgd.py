@@ -26,6 +26,20 @@ from ..config import AttackConfig
 from .common import AttackResult, RandomStreams, Threat, Tracker, gradients, loss_function
 
 
+def checkpoints(n_iter: int) -> list[int]:
+    """Iteration counts after which the step size is reconsidered: 22, 41, 57, 70, 80, 87,
+    93, 99 for 100 iterations (p₀ = 0, p₁ = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)
+    in integer form, as the reference implementation computes it)."""
+    window = max(int(0.22 * n_iter), 1)
+    min_window, decrease = max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
+    out, at = [], window
+    while at <= n_iter:
+        out.append(at)
+        window = max(window - decrease, min_window)
+        at += window
+    return out
+
+
 def random_start(threat: Threat, streams: RandomStreams) -> dict[str, torch.Tensor]:
     """``clip01(x + ε·t/‖t‖∞)`` per clip and modality, t ~ U[-1, 1]."""
     start = {}
@@ -47,9 +61,7 @@ def apgd_attack(model, threat: Threat, labels: torch.Tensor, cfg: AttackConfig, 
     use it to replay a reference implementation's draw)."""
     loss_fn = loss_function(cfg)
     n_iter = cfg.steps
-    first_check = max(int(0.22 * n_iter), 1)
-    min_window = max(int(0.06 * n_iter), 1)
-    window_decrease = max(int(0.03 * n_iter), 1)
+    checks = checkpoints(n_iter)
 
     x = dict(start) if start is not None else random_start(threat, streams)
     tracker = Tracker(threat, labels)
@@ -73,7 +85,7 @@ def apgd_attack(model, threat: Threat, labels: torch.Tensor, cfg: AttackConfig, 
         history = history[:, keep]
 
     shrink(tracker.record(logits.argmax(1) != labels, state["x"], 0))
-    counter, window = 0, first_check
+    last_check = 0
     for i in range(n_iter):
         if not len(labels):
             break
@@ -100,8 +112,8 @@ def apgd_attack(model, threat: Threat, labels: torch.Tensor, cfg: AttackConfig, 
                 state["x_best"][k][improved] = state["x"][k][improved]
                 state["grad_best"][k][improved] = state["grad"][k][improved]
             per_clip["loss_best"] = torch.where(improved, loss, per_clip["loss_best"])
-            counter += 1
-            if counter == window:
+            if i + 1 in checks:
+                window = i + 1 - last_check
                 # Python's negative index wraps to the (still zero) last row at the first
                 # checkpoint, as in the reference implementation.
                 rises = sum((history[i - c] > history[i - c - 1]).to(torch.long) for c in range(window))
@@ -115,8 +127,7 @@ def apgd_attack(model, threat: Threat, labels: torch.Tensor, cfg: AttackConfig, 
                     for k in threat.active:
                         state["x"][k][halve] = state["x_best"][k][halve]
                         state["grad"][k][halve] = state["grad_best"][k][halve]
-                counter = 0
-                window = max(window - window_decrease, min_window)
+                last_check = i + 1
     tracker.finish(state["x_best"])
     if not track:
         return AttackResult(tracker.out.get("rgb"), tracker.out.get("skel"))

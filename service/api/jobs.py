@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from models.config import AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
-from models.evaluate import build_suite
+from models.evaluate import build_suite, check_suite, default_strategy
 from service.api.datasets import dataset_or_404
 from service.api.deps import CeleryDep, SessionDep, StoreDep, get_or_404, invalid, not_found
 from service.db import FINISHED, Dataset, Job, JobGroup, Model, Report, new_id, utcnow
@@ -125,13 +125,15 @@ def _evaluate_params(session: Session, body: EvaluateJobCreate) -> tuple[dict[st
         invalid("split", f"dataset {dataset.name!r} has no {body.split} sample under {protocol}", body.split)
     try:
         suite = build_suite(body.attacks, modes=list(body.modes), eps=list(body.eps), alpha=body.alpha,
-                            random_start=body.random_start)
+                            random_start=body.random_start, restarts=body.restarts)
+        check_suite(suite, len(model_classes))
     except ConfigError as e:
         invalid({"eps_rgb": "eps", "eps_skel": "eps", "alpha_rgb": "alpha", "alpha_skel": "alpha"}
                 .get(e.field, e.field if e.field in EvaluateJobCreate.model_fields else "attacks"), e.message)
     params = {"request": body.model_dump(mode="json"), "protocol": protocol, "split": body.split,
               "suite": [c.to_dict() for c in suite], "batch_size": body.batch_size, "seed": body.seed,
-              "max_samples": body.max_samples}
+              "max_samples": body.max_samples, "strategy": body.strategy or default_strategy(body.attacks),
+              "diagnostics": body.diagnostics}
     return params, dataset, model
 
 

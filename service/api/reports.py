@@ -1,9 +1,10 @@
-"""/v1/reports: robustness reports (``robustact.report/v1`` JSON, stored as written by the
-worker), Table-2 comparisons with RI against a chosen baseline (``models.report``) and the
+"""/v1/reports: robustness reports (``robustact.report/v2`` JSON, stored as written by the
+worker) and their per-clip records, Table-2 comparisons with RI against a chosen baseline (``models.report``) and the
 paper's figures and tables as JSON or one HTML page (``models.views``)."""
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Literal
 
@@ -11,12 +12,12 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 
-from models.report import ReportError, compare, format_comparison, report_name, validate_report
+from models.report import WORST_CASE, ReportError, compare, format_comparison, report_name, validate_report
 from models.views import attack_labels, build_views, render_html
 from service.api.deps import SessionDep, StoreDep, get_or_404, invalid
 from service.db import Report
 from service.schemas import CompareRequest, Links, ReportList, ReportPublic
-from service.store import ObjectNotFound, Store
+from service.store import ObjectNotFound, Store, clips_key
 
 router = APIRouter(prefix="/v1/reports", tags=["reports"])
 
@@ -80,7 +81,8 @@ def _comparison(session, store: Store, ids: list[str], documents: list[dict], ba
 def compare_reports(session: SessionDep, store: StoreDep,
                     ids: list[str] = Query(..., description="report ids (repeat ids=… or comma-separate)"),
                     baseline: str | None = Query(None, description="id of the baseline report (default: the first)"),
-                    attack: str = Query("PGD20", description="attack label of the table, e.g. PGD20, FGSM, CW30"),
+                    attack: str = Query("PGD20", description="attack label of the table, e.g. PGD20, FGSM, CW30, "
+                                                             "APGD-CE100, or worst-case"),
                     eps: float | None = Query(None, ge=0, le=255, description="budget in 1/255 units, if several"),
                     format: Literal["json", "text"] = "json"):
     """Table-2 layout: ✓RS, ✗R, ✗S, ✗RS, Avg and RI against ``baseline`` for each report."""
@@ -140,7 +142,8 @@ def render_views(reports: list[dict], names: list[str], baseline: int | None, at
                  eps: float | None, title: str, format: str, extra: dict):
     """The ``robustact.views/v1`` document of ``reports`` (plus ``extra``), or its HTML page;
     an attack label no report has is a 422 on the ``attack`` query parameter."""
-    if attack is not None and attack.lower() not in {a.lower() for a in attack_labels(reports)}:
+    if attack is not None and attack.lower() != WORST_CASE and \
+            attack.lower() not in {a.lower() for a in attack_labels(reports)}:
         invalid("attack", f"no report has {attack} results (labels: {', '.join(attack_labels(reports)) or 'none'})",
                 attack, where="query")
     if format == "html":
@@ -150,7 +153,7 @@ def render_views(reports: list[dict], names: list[str], baseline: int | None, at
     return views
 
 
-@router.get("/{report_id}", responses={200: {"description": "the robustact.report/v1 document"}})
+@router.get("/{report_id}", responses={200: {"description": "the robustact.report/v2 document"}})
 def get_report(report_id: str, session: SessionDep, store: StoreDep):
     """The report document itself, exactly as the worker (or the CLI) wrote it."""
     row = get_or_404(session, Report, report_id, "report")
@@ -168,3 +171,24 @@ def get_report_html(report_id: str, session: SessionDep, store: StoreDep):
     row = get_or_404(session, Report, report_id, "report")
     report = json.loads(report_document(store, row))
     return _html(render_html([report], title=f"Report {row.name} ({row.id[:8]})", names=[row.name]))
+
+
+@router.get("/{report_id}/clips", responses={200: {"content": {"application/octet-stream": {}, "application/json": {}},
+                                                   "description": "the per-clip records (robustact.clips/v1)"}})
+def get_report_clips(report_id: str, session: SessionDep, store: StoreDep,
+                     format: Literal["npz", "json"] = Query("npz", description="npz (numpy, no pickle) or json")):
+    """The evaluation's per-clip table: label, clean prediction and, per suite entry,
+    whether it broke the clip and at which iterate (docs/REPORT.md). Every accuracy of the
+    report is an aggregate of it."""
+    from models.evaluate import ClipRecords
+
+    row = get_or_404(session, Report, report_id, "report")
+    try:
+        data = store.get_bytes(clips_key(row.artifact_key))
+    except ObjectNotFound:
+        raise HTTPException(status_code=404, detail=f"report {row.id!r} has no per-clip records (it was written "
+                                                    "before they existed, schema robustact.report/v1)")
+    if format == "json":
+        return ClipRecords.load(io.BytesIO(data)).to_json()
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{row.id}.clips.npz"'})

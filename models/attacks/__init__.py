@@ -47,8 +47,9 @@ _IMPLEMENTATIONS = {"fgsm": pgd_attack, "pgd": pgd_attack, "cw": pgd_attack, "ap
 
 def entry_key(cfg: AttackConfig) -> str:
     """A stable text key of an attack config: the random streams of a clip depend on it (and
-    not on the entry's position in a suite), so reordering a suite changes no result."""
-    return json.dumps(cfg.to_dict(), sort_keys=True)
+    not on the entry's position in a suite), so reordering a suite changes no result. The
+    restart count is left out, so restart 0 of an N-restart run is the single run."""
+    return json.dumps({k: v for k, v in cfg.to_dict().items() if k != "restarts"}, sort_keys=True)
 
 
 def run_attack(model, rgb: torch.Tensor, skel: torch.Tensor, labels: torch.Tensor, cfg: AttackConfig, *,

@@ -673,6 +673,8 @@ def write_outputs(plan: ReproducePlan, out: str | Path) -> list[str]:
         _write_atomic(out / f"{stem}.svg", views.svg_document(views.amr_figure("AMR", amr, stem)))
 
     # index.html: the views of models.views, restricted to the models of each table.
+    all_names = [spec.name for spec in model_specs(plan)]
+    all_reports = [reports[spec.key] for spec in model_specs(plan)]
     page_views = {
         "schema": views.VIEWS_SCHEMA,
         "reports": [s.name for s in model_specs(plan)],
@@ -680,6 +682,8 @@ def write_outputs(plan: ReproducePlan, out: str | Path) -> list[str]:
         "modal_table": modal,
         "defence_table": table2["table2"],
         "amr_weights": [amr_view],
+        "worst_case": views.worst_case(all_reports, all_names),
+        "diagnostics": views.diagnostics(all_reports, all_names),
     }
     extra = [("table2-cw", f"Defence comparison against {cw} (Table 2, CW)", table2["table2-cw"]),
              ("amr-count", f"Number of AMRs (Table 4, {cw})", view4),

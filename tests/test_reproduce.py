@@ -96,3 +96,55 @@ def test_reproduce_resumes_an_interrupted_run(tmp_path):
     done = [line for line in log.splitlines() if ": done in" in line]
     assert [line.split("] ")[1].split(": done in")[0].split(" (")[0] for line in done] == [
         "train AT-S", "evaluate AT-S", "evaluate 2 AMRs", "write Tables 1-5, Figures 2 and 4, index.html"]
+
+
+def _denormals_flushed() -> bool:
+    import torch
+
+    return torch.tensor([1e-39]).mul(1.0).item() == 0.0
+
+
+def test_reproduce_evaluates_like_evaluate_and_never_flushes_denormals(tmp_path):
+    """The same checkpoint scores clip for clip the same under `reproduce` and `robustact
+    evaluate`, and denormals are flushed (for speed) in training stages only."""
+    import numpy as np
+    import torch
+
+    from models.evaluate import ClipRecords
+    from models.reproduce import run_plan
+
+    with _flush():  # the probe itself must see a flush
+        assert _denormals_flushed()
+    assert not _denormals_flushed()
+
+    out = tmp_path / "repro"
+    plan = plan_for("small")
+    seen: dict[str, set] = {}
+    run_plan(plan, out, device="cpu",
+             progress=lambda p: seen.setdefault(p["phase"], set()).add(_denormals_flushed()))
+    assert seen["train"] == {True} and seen["evaluate"] == {False}
+
+    repro = ClipRecords.load(out / "reports" / "amr.clips.npz")
+    cli = tmp_path / "amr.json"
+    run("evaluate", "--model", out / "runs" / "amr" / "model", "--data", out / "data" / "cache", "--out", cli,
+        "--attacks", f"{plan.pgd},{plan.cw}", "--eps", 8, "--seed", plan.seed, "--device", "cpu")
+    direct = ClipRecords.load(tmp_path / "amr.clips.npz")
+    assert len(direct) > len(repro)  # the CLI ran the whole test split, reproduce a subset
+    rows = np.searchsorted(direct.clip, repro.clip)
+    assert np.array_equal(direct.clip[rows], repro.clip)
+    columns = [direct.suite.index(entry) for entry in repro.suite]
+    assert np.array_equal(direct.clean_pred[rows], repro.clean_pred)
+    assert np.array_equal(direct.outcome[rows][:, columns], repro.outcome)
+    assert np.array_equal(direct.iterate[rows][:, columns], repro.iterate)
+
+
+class _flush:
+    def __enter__(self):
+        import torch
+
+        torch.set_flush_denormal(True)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_flush_denormal(False)

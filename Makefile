@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU build (a looser pin would pull a multi-GB CUDA build)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# reference implementation for tests/test_attack_reference.py; --no-deps: importing it needs
+	# only numpy and scipy (a dev extra), not its declared torchvision/tqdm/requests
+	$(BIN)/pip install --quiet --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 install: $(STAMP)

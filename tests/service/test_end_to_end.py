@@ -85,13 +85,44 @@ def test_train_evaluate_report_classify(backend, live_service, synthetic_root, r
     t_eval = time.monotonic()
 
     report = c.get(f"/v1/reports/{report_id}").json()
-    assert report["schema"] == "robustact.report/v1"
+    assert report["schema"] == "robustact.report/v2"
     assert report["dataset"]["num_samples"] == 6 and report["dataset"]["split"] == "test"
     assert {a["label"] for a in report["attacks"]} == {"FGSM", "PGD3"}
+    clean = report["clean"]["accuracy"]
+    worst = report["worst_case"][0]
     for entry in report["attacks"]:
         assert set(entry["modes"]) == {"R", "S", "RS"}
-        for result in entry["modes"].values():
-            assert 0 <= result["accuracy"] <= 100
+        for mode, result in entry["modes"].items():
+            assert worst["modes"][mode]["accuracy"] <= result["accuracy"] <= clean
+    assert "flags" in report["diagnostics"] and report["per_clip"]["file"] == "clips.npz"
+    # The per-clip records, as npz (no pickle) and as JSON; the report's numbers come from them.
+    from models.evaluate import ClipRecords
+
+    npz = c.get(f"/v1/reports/{report_id}/clips")
+    assert npz.status_code == 200 and npz.headers["content-type"] == "application/octet-stream"
+    records = ClipRecords.load(io.BytesIO(npz.content))
+    assert len(records) == 6 and 100.0 * records.clean_correct.mean() == pytest.approx(clean)
+    assert (records.outcome[~records.clean_correct] == -1).all()
+    as_json = c.get(f"/v1/reports/{report_id}/clips", params={"format": "json"}).json()
+    assert as_json["outcome"] == records.outcome.tolist() and as_json["suite"] == report["config"]["suite"]
+
+    # AutoAttack's attacks as a cascade, with restarts: same rules, worst case only.
+    r = c.post("/v1/jobs", json={"kind": "evaluate", "model_id": model_id, "attacks": ["apgd-ce3", "apgd-dlr3",
+                                 "square10"], "modes": ["RS"], "eps": [8], "batch_size": 6, "restarts": 2,
+                                 "strategy": "worst-case"})
+    assert r.status_code == 202, r.text
+    assert r.json()["params"]["strategy"] == "worst-case"
+    cascade = svc.wait_job(r.json()["id"])
+    assert cascade["status"] == "succeeded", (cascade, svc.worker_logs())
+    aa = c.get(f"/v1/reports/{cascade['outputs']['report_id']}").json()
+    assert aa["config"]["strategy"] == "worst-case"
+    assert [a["label"] for a in aa["attacks"]] == ["APGD-CE3x2", "APGD-DLR3x2", "Square10x2"]
+    assert aa["worst_case"][0]["overall"]["accuracy"] <= clean
+    for bad, field in ((["square0"], "attacks"), (["deepfool"], "attacks")):
+        r = c.post("/v1/jobs", json={"kind": "evaluate", "model_id": model_id, "attacks": bad})
+        assert r.status_code == 422 and field in r.text, r.text
+    r = c.post("/v1/jobs", json={"kind": "evaluate", "model_id": model_id, "strategy": "fastest"})
+    assert r.status_code == 422 and "strategy" in r.text
     assert c.get(f"/v1/models/{model_id}").json()["report_ids"] == [report_id]
     listed = c.get("/v1/reports", params={"model_id": model_id}).json()["items"]
     assert [x["id"] for x in listed] == [report_id]
@@ -133,7 +164,7 @@ def test_train_evaluate_report_classify(backend, live_service, synthetic_root, r
     log = c.get(f"/v1/jobs/{train['id']}/log")
     assert log.status_code == 200 and "attempt 1" in log.text
     jobs = c.get("/v1/jobs", params={"status": "succeeded", "limit": 1}).json()
-    assert jobs["total"] == 2 and len(jobs["items"]) == 1 and jobs["items"][0]["kind"] == "evaluate"
+    assert jobs["total"] == 3 and len(jobs["items"]) == 1 and jobs["items"][0]["kind"] == "evaluate"
 
     if backend == "servers":  # artefacts are in S3 and rows in Postgres, nothing registered half-way
         from service.store import open_store
@@ -141,7 +172,7 @@ def test_train_evaluate_report_classify(backend, live_service, synthetic_root, r
         store = open_store(svc.settings.store_url, svc.settings.s3_endpoint_url)
         keys = store.list("")
         assert f"models/{model_id}/model.safetensors" in keys
-        assert f"reports/{report_id}/report.json" in keys
+        assert f"reports/{report_id}/report.json" in keys and f"reports/{report_id}/clips.npz" in keys
         assert not [k for k in keys if "/last-" in k]  # epoch checkpoints removed after success
         assert json.loads(store.get_bytes(f"reports/{report_id}/report.json")) == report
     print(f"\n[{backend}] train {t_train - t0:.1f}s, evaluate {t_eval - t_train:.1f}s, "

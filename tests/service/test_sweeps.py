@@ -109,6 +109,15 @@ def test_grid_is_the_cartesian_product(api):
     assert [{round(c["eps_rgb"] * 255, 3) for c in j["params"]["suite"]} for j in jobs] == [{2}, {4}, {6}, {8}]
     assert {j["model_id"] for j in evaluation["jobs"]} == {api.model_id}
 
+    # The AutoAttack-grade attacks, restarts and the cascade sweep like any field.
+    robust = _sweep(api, kind="evaluate", base={"model_id": api.model_id, "attacks": ["autoattack"], "modes": ["RS"]},
+                    grid={"restarts": [1, 3], "strategy": ["full", "worst-case"]})
+    jobs = _jobs(api, robust)
+    assert [(j["params"]["strategy"], {c["restarts"] for c in j["params"]["suite"]}) for j in jobs] == [
+        ("full", {1}), ("worst-case", {1}), ("full", {3}), ("worst-case", {3})]
+    assert [c["name"] for c in jobs[0]["params"]["suite"]] == ["apgd-ce", "apgd-dlr", "square"]
+    assert jobs[0]["params"]["suite"][2]["steps"] == 5000
+
 
 @pytest.mark.parametrize("body,loc,words", [
     ({"kind": "train", "base": {"dataset_id": "tiny3"}, "grid": {"num_amr": [1, 4]}},
@@ -121,6 +130,10 @@ def test_grid_is_the_cartesian_product(api):
      ["body", "grid", "eps", "0"], "combination 1"),
     ({"kind": "evaluate", "base": {"model_id": "MODEL"}, "grid": {"attacks": [["fgsm"], ["pgdx"]]}},
      ["body", "grid", "attacks"], "combination 1"),
+    ({"kind": "evaluate", "base": {"model_id": "MODEL"}, "grid": {"attacks": [["apgd-ce"], ["square0"]]}},
+     ["body", "grid", "attacks"], "combination 1"),
+    ({"kind": "evaluate", "base": {"model_id": "MODEL"}, "grid": {"restarts": [2, 0]}},
+     ["body", "grid", "restarts"], "combination 1"),
     ({"kind": "train", "base": {"dataset_id": "tiny3"}, "grid": {"magic": [1]}}, ["body", "grid", "magic"],
      "not a field"),
     ({"kind": "train", "base": {"dataset_id": "tiny3"}, "grid": {"seed": []}}, ["body", "grid", "seed"], "at least"),

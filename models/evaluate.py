@@ -174,11 +174,16 @@ class ClipRecords:
             raise ValueError("a clip appears in two record tables")
         return cls(list(suite), **{k: v[order] for k, v in arrays.items()}, meta=dict(parts[0].meta))
 
-    def save(self, path: str | Path) -> None:
-        """``.npz`` of plain arrays (no pickle); the suite and meta as JSON text."""
+    def save(self, path_or_file) -> None:
+        """``.npz`` of plain arrays (no pickle); the suite and meta as JSON text. Takes a
+        path or a binary file object."""
         header = json.dumps({"format": RECORDS_FORMAT, "suite": self.suite, "meta": self.meta})
-        with open(path, "wb") as fh:
-            np.savez_compressed(fh, header=np.array(header), **{k: getattr(self, k) for k in self.ARRAYS})
+        arrays = {"header": np.array(header), **{k: getattr(self, k) for k in self.ARRAYS}}
+        if hasattr(path_or_file, "write"):
+            np.savez_compressed(path_or_file, **arrays)
+            return
+        with open(path_or_file, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
 
     @classmethod
     def load(cls, path_or_file) -> "ClipRecords":

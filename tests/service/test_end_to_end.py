@@ -123,9 +123,10 @@ def test_train_evaluate_report_classify(backend, live_service, synthetic_root, r
         assert r.status_code == 422 and field in r.text, r.text
     r = c.post("/v1/jobs", json={"kind": "evaluate", "model_id": model_id, "strategy": "fastest"})
     assert r.status_code == 422 and "strategy" in r.text
-    assert c.get(f"/v1/models/{model_id}").json()["report_ids"] == [report_id]
+    cascade_report = cascade["outputs"]["report_id"]
+    assert c.get(f"/v1/models/{model_id}").json()["report_ids"] == [report_id, cascade_report]
     listed = c.get("/v1/reports", params={"model_id": model_id}).json()["items"]
-    assert [x["id"] for x in listed] == [report_id]
+    assert [x["id"] for x in listed] == [report_id, cascade_report]
 
     table = c.get("/v1/reports/compare", params={"ids": [report_id, report_id], "baseline": report_id,
                                                 "attack": "PGD3"})

@@ -255,81 +255,96 @@ def run_records(model, dataset, suite: Sequence[AttackConfig], *, batch_size: in
                 strategy: str = "full", diagnostics: bool = True, device: str | None = None,
                 progress: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
                 clip_ids: Sequence[int] | None = None) -> ClipRecords:
-    """Attack every clip of ``dataset`` with ``suite`` and return the per-clip table."""
+    """Attack every clip of ``dataset`` with ``suite`` and return the per-clip table.
+
+    Stage by stage, AutoAttack style: a clean pass over every clip, then each suite entry
+    over the clips it has to attack, re-batched (``batch_size``) so that a cascade's few
+    survivors still fill whole batches. Per-clip random streams make the result independent
+    of that batching."""
     if strategy not in STRATEGIES:
         raise ConfigError("strategy", f"must be one of {STRATEGIES}, got {strategy!r}")
     suite = list(suite)
     device = resolve_device(device)
     model = model.to(device).eval()
     check_suite(suite, model.cfg.num_classes if hasattr(model, "cfg") else 3)
-    ids = list(clip_ids) if clip_ids is not None else clip_identities(dataset)
+    ids = np.asarray(list(clip_ids) if clip_ids is not None else clip_identities(dataset), dtype=np.int64)
     if len(ids) != len(dataset):
         raise ValueError(f"{len(ids)} clip ids for {len(dataset)} clips")
     chains = cascade_order(suite) if strategy == "worst-case" else [[i] for i in range(len(suite))]
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     emit = progress or (lambda _: None)
-    parts: list[ClipRecords] = []
+    n, e = len(dataset), len(suite)
+    stages = 1 + e + int(diagnostics)
+    state = {"stage": 0, "clean_accuracy": None}
+
+    def batches(rows: np.ndarray, label: str):
+        """(positions, rgb, skel, labels) batches of the clips at ``rows``."""
+        loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, shuffle=False)
+        done = 0
+        for step, (rgb, skel, labels) in enumerate(loader):
+            if should_stop is not None and should_stop():
+                raise EvaluationCancelled(f"stopped during {label} (stage {state['stage'] + 1} of {stages})")
+            positions = rows[done:done + len(labels)]
+            done += len(labels)
+            yield positions, rgb.to(device), skel.to(device), labels.to(device)
+            emit({"phase": "evaluate", "stage": state["stage"] + 1, "stages": stages, "attack": label,
+                  "step": state["stage"] * 1000 + int(1000 * (step + 1) / max(len(loader), 1)),
+                  "steps": stages * 1000, "clean_accuracy": state["clean_accuracy"]})
+        state["stage"] += 1
+
+    label = np.zeros(n, dtype=np.int64)
+    clean_pred = np.zeros(n, dtype=np.int64)
+    grad_zero_rgb = np.zeros(n, dtype=np.int8)
+    grad_zero_skel = np.zeros(n, dtype=np.int8)
+    unstable = np.zeros(n, dtype=np.int8)
+    probabilities = np.zeros(n, dtype=np.int8)
     seen = correct = 0
-    steps = len(loader)
-    for step, (rgb, skel, labels) in enumerate(loader):
-        if should_stop is not None and should_stop():
-            raise EvaluationCancelled(f"stopped at batch {step + 1} of {steps}")
-        rgb, skel, labels = rgb.to(device), skel.to(device), labels.to(device)
-        batch_ids = ids[seen:seen + len(labels)]
-        logits, gz_rgb, gz_skel, unstable, probs = _clean_pass(model, rgb, skel, labels)
-        pred = logits.argmax(1)
-        standing_clean = pred == labels
-        b, e = len(labels), len(suite)
-        outcome = np.full((b, e), CLEAN_WRONG, dtype=np.int8)
-        iterate = np.full((b, e), -1, dtype=np.int32)
-        restart = np.full((b, e), -1, dtype=np.int16)
-        # Worst case per (budget, mode) so far: clips broken by an earlier link of a chain.
-        broken_in = {}
-        for chain in chains:
-            first = suite[chain[0]]
-            budget = (first.eps_rgb, first.eps_skel)
-            if first.mode == "RS" and strategy == "worst-case":
-                standing = standing_clean & ~broken_in.get((budget, "R"), torch.zeros_like(standing_clean)) \
-                    & ~broken_in.get((budget, "S"), torch.zeros_like(standing_clean))
-            else:
-                standing = standing_clean.clone()
-            for index in chain:
-                cfg = suite[index]
-                cols = standing.cpu().numpy()
-                outcome[standing_clean.cpu().numpy() & ~cols, index] = SKIPPED
-                if not cols.any():
-                    continue
-                rows = torch.nonzero(standing).flatten()
-                result = run_attack(model, rgb[rows], skel[rows], labels[rows], cfg, seed=seed,
-                                    clip_ids=[batch_ids[i] for i in rows.tolist()])
-                rows_np = rows.cpu().numpy()
-                outcome[rows_np, index] = result.broken.cpu().numpy().astype(np.int8)
-                iterate[rows_np, index] = result.iterate.cpu().numpy()
-                restart[rows_np, index] = result.restart.cpu().numpy()
-                hit = torch.zeros_like(standing)
-                hit[rows[result.broken]] = True
-                key = (budget, cfg.mode)
-                broken_in[key] = broken_in.get(key, torch.zeros_like(standing)) | hit
-                if strategy == "worst-case":
-                    standing = standing & ~hit
-                if should_stop is not None and should_stop():
-                    raise EvaluationCancelled(f"stopped at batch {step + 1} of {steps}")
-        unbounded = np.full(b, -1, dtype=np.int8)
-        if diagnostics and standing_clean.any():
-            rows = torch.nonzero(standing_clean).flatten()
-            result = run_attack(model, rgb[rows], skel[rows], labels[rows],
-                                AttackConfig(**{**UNBOUNDED.to_dict(),
-                                                "perturb_absent_bodies": bool(suite and suite[0].perturb_absent_bodies)}),
-                                seed=seed, clip_ids=[batch_ids[i] for i in rows.tolist()])
-            unbounded[rows.cpu().numpy()] = result.broken.cpu().numpy().astype(np.int8)
-        parts.append(ClipRecords(
-            [c.to_dict() for c in suite], np.asarray(batch_ids, dtype=np.int64), labels.cpu().numpy().astype(np.int64),
-            pred.cpu().numpy().astype(np.int64), outcome, iterate, restart, gz_rgb.numpy(), gz_skel.numpy(),
-            unbounded, unstable.numpy(), probs.numpy()))
-        seen += len(labels)
-        correct += int(standing_clean.sum())
-        emit({"phase": "evaluate", "step": step + 1, "steps": steps, "clean_accuracy": 100.0 * correct / max(seen, 1)})
-    records = ClipRecords.concat(parts) if parts else ClipRecords.empty([c.to_dict() for c in suite])
+    state["clean_accuracy"] = 0.0
+    for positions, rgb, skel, labels in batches(np.arange(n), "clean"):
+        logits, gz_rgb, gz_skel, flips, probs = _clean_pass(model, rgb, skel, labels)
+        label[positions] = labels.cpu().numpy()
+        clean_pred[positions] = logits.argmax(1).cpu().numpy()
+        grad_zero_rgb[positions], grad_zero_skel[positions] = gz_rgb.numpy(), gz_skel.numpy()
+        unstable[positions], probabilities[positions] = flips.numpy(), probs.numpy()
+        seen += len(positions)
+        correct += int((clean_pred[positions] == label[positions]).sum())
+        state["clean_accuracy"] = 100.0 * correct / seen
+    clean_ok = clean_pred == label
+
+    outcome = np.full((n, e), CLEAN_WRONG, dtype=np.int8)
+    iterate = np.full((n, e), -1, dtype=np.int32)
+    restart = np.full((n, e), -1, dtype=np.int16)
+    no_break = np.zeros(n, dtype=bool)
+    broken_in: dict[tuple, np.ndarray] = {}  # (budget, mode) -> clips broken so far
+    for chain in chains:
+        first = suite[chain[0]]
+        budget = (first.eps_rgb, first.eps_skel)
+        standing = clean_ok.copy()
+        if first.mode == "RS" and strategy == "worst-case":
+            standing &= ~broken_in.get((budget, "R"), no_break) & ~broken_in.get((budget, "S"), no_break)
+        for index in chain:
+            cfg = suite[index]
+            outcome[clean_ok & ~standing, index] = SKIPPED
+            hit = np.zeros(n, dtype=bool)
+            for positions, rgb, skel, labels in batches(np.flatnonzero(standing), cfg.label):
+                result = run_attack(model, rgb, skel, labels, cfg, seed=seed, clip_ids=ids[positions].tolist())
+                broke = result.broken.cpu().numpy()
+                outcome[positions, index] = broke.astype(np.int8)
+                iterate[positions, index] = result.iterate.cpu().numpy()
+                restart[positions, index] = result.restart.cpu().numpy()
+                hit[positions[broke]] = True
+            key = (budget, cfg.mode)
+            broken_in[key] = broken_in.get(key, no_break) | hit
+            if strategy == "worst-case":
+                standing &= ~hit
+    unbounded = np.full(n, -1, dtype=np.int8)
+    if diagnostics:
+        check = AttackConfig(**{**UNBOUNDED.to_dict(),
+                                "perturb_absent_bodies": bool(suite and suite[0].perturb_absent_bodies)})
+        for positions, rgb, skel, labels in batches(np.flatnonzero(clean_ok), "unbounded check"):
+            result = run_attack(model, rgb, skel, labels, check, seed=seed, clip_ids=ids[positions].tolist())
+            unbounded[positions] = result.broken.cpu().numpy().astype(np.int8)
+    records = ClipRecords([c.to_dict() for c in suite], ids, label, clean_pred, outcome, iterate, restart,
+                          grad_zero_rgb, grad_zero_skel, unbounded, unstable, probabilities)
     records.meta = {"seed": seed, "strategy": strategy, "diagnostics": diagnostics}
     return records
 

@@ -100,15 +100,22 @@ def test_build_report_is_a_pure_function_of_the_records():
     assert "avg" not in pgd  # S was not run
 
 
-def test_robust_never_exceeds_clean_and_worst_case_bounds_every_column():
-    torch.manual_seed(0)
-    cfg = preset_config("tiny", num_classes=4)
+def tiny_model_and_clips(model_seed: int, data_seed: int, clips: int, classes: int):
+    """A randomly initialised tiny-preset fusion model, random clips and the model's own
+    clean predictions as labels (so every clip starts correctly classified)."""
+    torch.manual_seed(model_seed)
+    cfg = preset_config("tiny", num_classes=classes)
     model = build_model(cfg).eval()
-    g = torch.Generator().manual_seed(3)
-    rgb = torch.rand(10, 3, cfg.rgb_frames, cfg.rgb_size, cfg.rgb_size, generator=g)
-    skel = torch.rand(10, 3, cfg.skel_frames, cfg.joints, cfg.persons, generator=g)
+    g = torch.Generator().manual_seed(data_seed)
+    rgb = torch.rand(clips, 3, cfg.rgb_frames, cfg.rgb_size, cfg.rgb_size, generator=g)
+    skel = torch.rand(clips, 3, cfg.skel_frames, cfg.joints, cfg.persons, generator=g)
     with torch.no_grad():
-        pred = model(rgb, skel).logits.argmax(1)
+        labels = model(rgb, skel).logits.argmax(1)
+    return model, rgb, skel, labels
+
+
+def test_robust_never_exceeds_clean_and_worst_case_bounds_every_column():
+    model, rgb, skel, pred = tiny_model_and_clips(0, 3, clips=10, classes=4)
     labels = pred.clone()
     labels[:4] = (labels[:4] + 1) % 4  # four clips wrong on clean input
     data = torch.utils.data.TensorDataset(rgb, skel, labels)
@@ -137,14 +144,7 @@ def test_robust_never_exceeds_clean_and_worst_case_bounds_every_column():
 
 
 def test_a_clip_result_does_not_depend_on_its_batch():
-    torch.manual_seed(1)
-    cfg = preset_config("tiny", num_classes=3)
-    model = build_model(cfg).eval()
-    g = torch.Generator().manual_seed(5)
-    rgb = torch.rand(7, 3, cfg.rgb_frames, cfg.rgb_size, cfg.rgb_size, generator=g)
-    skel = torch.rand(7, 3, cfg.skel_frames, cfg.joints, cfg.persons, generator=g)
-    with torch.no_grad():
-        labels = model(rgb, skel).logits.argmax(1)
+    model, rgb, skel, labels = tiny_model_and_clips(1, 5, clips=7, classes=3)
     data = torch.utils.data.TensorDataset(rgb, skel, labels)
     suite = build_suite(["pgd5", "apgd-ce5", "square30"], modes=["RS"], eps=[0.5])
     runs = [run_records(model, data, suite, batch_size=b, seed=7) for b in (1, 3, 7)]
@@ -178,14 +178,7 @@ def test_records_round_trip_without_pickle(tmp_path):
 
 
 def test_restarts_keep_the_worst_and_record_which_restart():
-    torch.manual_seed(2)
-    cfg = preset_config("tiny", num_classes=3)
-    model = build_model(cfg).eval()
-    g = torch.Generator().manual_seed(9)
-    rgb = torch.rand(12, 3, cfg.rgb_frames, cfg.rgb_size, cfg.rgb_size, generator=g)
-    skel = torch.rand(12, 3, cfg.skel_frames, cfg.joints, cfg.persons, generator=g)
-    with torch.no_grad():
-        labels = model(rgb, skel).logits.argmax(1)
+    model, rgb, skel, labels = tiny_model_and_clips(2, 9, clips=12, classes=3)
     ids = list(range(12))
     weak = AttackConfig(name="pgd", mode="RS", steps=2, eps_rgb=3 / 255, eps_skel=3 / 255, alpha_rgb=1.5 / 255,
                         alpha_skel=1.5 / 255)

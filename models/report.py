@@ -357,7 +357,7 @@ def diagnostics(records, attacks: list[dict[str, Any]], worst: list[dict[str, An
     if ran.any():
         robust = clean_ok & (records.unbounded == 0)
         acc = 100.0 * float(robust.sum()) / n
-        out["unbounded"] = {"attack": "PGD20, RS, ε = 1 (the whole [0, 1] box), α = 0.1", "accuracy": acc,
+        out["unbounded"] = {"attack": "PGD50 from the clean input, RS, ε = 1 (the whole [0, 1] box), α = 0.02", "accuracy": acc,
                             "threshold": UNBOUNDED_THRESHOLD}
         if acc > UNBOUNDED_THRESHOLD:
             flags.append({"check": "unbounded", "message": f"an unbounded attack (ε = 1 on both modalities) leaves "

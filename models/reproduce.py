@@ -652,7 +652,7 @@ def write_outputs(plan: ReproducePlan, out: str | Path) -> list[str]:
                           "flags": [f["check"] for f in d.get("flags", [])]})
     md = [f"# Worst case and gradient-masking diagnostics (ε = {_fmt(plan.eps)}/255)", "", scale, "",
           "Worst case: a clip is robust only if no attack of the model's suite (every mode) broke it. Unbounded: "
-          "PGD20 in RS with ε = 1 (the whole [0, 1] box), which must reach ~0%. Zero grad: % of clean-correct clips "
+          "PGD50 from the clean input in RS with ε = 1 (the whole [0, 1] box), which must reach ~0%. Zero grad: % of clean-correct clips "
           "whose CE input gradient is exactly zero. Flags: docs/REPORT.md.", "",
           markdown_table(["Model", "✓RS", "worst ✗RS", "worst overall", "unbounded", "zero grad R %",
                           "zero grad S %", "flags"],

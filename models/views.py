@@ -613,7 +613,7 @@ def _diagnostics_html(view: dict[str, Any] | None) -> str:
             "Square-only breaks", "Non-monotone in ε", "Non-monotone in steps", "Unstable clips", "Probabilities"]
     html = (_table(head, rows, "diagnostics")
             + '<p class="note">Zero grad.: clean-correct clips whose CE gradient w.r.t. that modality is exactly '
-              "zero (flagged when any). Unbounded: accuracy under PGD20 with ε = 1 on both modalities (flagged "
+              "zero (flagged when any). Unbounded: accuracy under PGD50 with ε = 1 on both modalities (flagged "
               "above 1%). Square-only breaks: clips the score-based Square attack broke and no gradient attack "
               "of the same budget and mode did, worst budget × mode (flagged above 0.2%). Non-monotone: accuracy "
               "rising with ε or with steps. Unstable: two identical passes gave different logits. Probabilities: "

@@ -21,6 +21,10 @@ Protocol = Literal["xsub", "xview"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Eps255 = Annotated[float, Field(ge=0, le=255, description="L-inf budget in 1/255 units (8 means 8/255)")]
 
+# Upper bound of list offsets, so the database never gets an integer it cannot bind (a
+# 40-digit offset was a 500: OverflowError in the SQLite driver).
+MAX_OFFSET = 2**31 - 1
+
 
 class Links(BaseModel):
     model_config = ConfigDict(extra="allow")

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from models.config import AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
 from models.evaluate import build_suite, check_suite, default_strategy
 from service.api.datasets import dataset_or_404
+from service.schemas import MAX_OFFSET
 from service.api.deps import CeleryDep, SessionDep, StoreDep, get_or_404, invalid, not_found
 from service.db import FINISHED, Dataset, Job, JobGroup, Model, Report, new_id, utcnow
 from service.schemas import (EvaluateJobCreate, JobCreate, JobList, JobOutputs, JobPublic, JobStatus, JobTimings,
@@ -192,7 +193,8 @@ def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep, response
 @router.get("", response_model=JobList)
 def list_jobs(session: SessionDep, status: JobStatus | None = None, kind: Literal["train", "evaluate"] | None = None,
               dataset_id: str | None = None, model_id: str | None = None, group_id: str | None = None,
-              limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+              limit: int = Query(50, ge=1, le=500),
+              offset: int = Query(0, ge=0, le=MAX_OFFSET, description="rows to skip")):
     query = select(Job)
     for column, value in ((Job.status, status), (Job.kind, kind), (Job.dataset_id, dataset_id),
                           (Job.model_id, model_id), (Job.group_id, group_id)):

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import func, select, update
 
+from service.schemas import MAX_OFFSET
 from service.api.deps import CeleryDep, SessionDep, StoreDep, get_or_404, invalid
 from service.api.jobs import new_job, submit_jobs
 from service.api.reports import render_views, report_document
@@ -192,7 +193,8 @@ def create_sweep(body: SweepCreate, session: SessionDep, celery: CeleryDep, resp
 
 @router.get("", response_model=SweepList)
 def list_sweeps(session: SessionDep, kind: Literal["train", "evaluate"] | None = None,
-                limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+                limit: int = Query(50, ge=1, le=500),
+                offset: int = Query(0, ge=0, le=MAX_OFFSET, description="rows to skip")):
     """Sweeps, newest first, with their status and counts (their jobs: ``GET /v1/sweeps/{id}``)."""
     query = select(JobGroup)
     if kind is not None:

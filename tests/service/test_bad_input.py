@@ -100,7 +100,7 @@ def _loc(response: httpx.Response) -> list[str]:
     ("GET", "/v1/jobs/nope"), ("GET", "/v1/jobs/nope/log"), ("POST", "/v1/jobs/nope/cancel"),
     ("POST", "/v1/jobs/nope/retry"), ("GET", "/v1/models/nope"), ("GET", "/v1/models/nope/files/config.json"),
     ("GET", "/v1/reports/nope"), ("GET", "/v1/reports/nope/meta"), ("GET", "/v1/reports/compare?ids=nope"),
-    ("GET", "/v1/reports/nope/html"), ("GET", "/v1/reports/view?ids=nope"),
+    ("GET", "/v1/reports/nope/html"), ("GET", "/v1/reports/view?ids=nope"), ("GET", "/v1/reports/nope/clips"),
     ("GET", "/v1/datasets/nope"), ("DELETE", "/v1/datasets/nope"), ("POST", "/v1/models/nope/classify"),
 ])
 def test_unknown_ids_are_404(api, unchanged, method, path):
@@ -468,3 +468,12 @@ def test_broker_down_is_503_and_the_job_is_marked_failed(tmp_path, synthetic_roo
         assert r.status_code == 503 and "broker is unreachable" in r.json()["detail"]
         jobs = client.get("/v1/jobs").json()["items"]
         assert len(jobs) == 1 and jobs[0]["status"] == "failed" and "could not queue" in jobs[0]["error"]
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/sweeps"])
+@pytest.mark.parametrize("offset", ["1" * 40, str(2**63), "-1"])
+def test_list_offsets_out_of_range_are_422(api, path, offset):
+    r = api.get(path, params={"offset": offset})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["query", "offset"]
+    assert api.get(path, params={"offset": 2**31 - 1}).status_code == 200

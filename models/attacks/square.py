@@ -26,7 +26,6 @@ not depend on its batch.
 
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -24,11 +24,21 @@ GRADIENT_ATTACKS = ("fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr")
 # Default iterations (queries for Square) when an attack spec gives none: the paper's PGD20
 # and CW30, AutoAttack's 100 APGD iterations and 5,000 Square queries.
 DEFAULT_STEPS = {"fgsm": 1, "pgd": 20, "cw": 30, "apgd-ce": 100, "apgd-dlr": 100, "square": 5000}
+# Upper bounds of an attack's iterations and of Square's queries, so that one request (or a
+# CLI typo) cannot ask for a run of years: 1000 is 50x the paper's PGD20 and 10x AutoAttack's
+# APGD; 10,000 queries is twice AutoAttack's standard Square budget.
+MAX_STEPS = 1000
+MAX_QUERIES = 10_000
 MODES = ("R", "S", "RS")
 AMR_ACTIVATIONS = ("sigmoid", "identity")
 
 # AMR pairs, counted back from the classifier: the i-th AMR sits at PAIRS[i].
 AMR_PAIRS = (("Mixed_5c", "conv6"), ("Mixed_5b", "conv5"), ("Mixed_4f", "conv4"))
+
+
+def max_steps(attack: str) -> int:
+    """Largest iteration count of ``attack`` (query budget for Square)."""
+    return MAX_QUERIES if attack == "square" else MAX_STEPS
 
 
 class ConfigError(ValueError):
@@ -153,7 +163,8 @@ class AttackConfig:
 
     ``name``: ``fgsm``, ``pgd`` (CE loss), ``cw`` (CW margin loss optimised by PGD),
     ``apgd-ce`` / ``apgd-dlr`` (Croce & Hein 2020) or ``square`` (Andriushchenko et al.
-    2020, score-based; ``steps`` is its query budget). Budgets and step sizes are per
+    2020, score-based; ``steps`` is its query budget; at most MAX_STEPS iterations, MAX_QUERIES
+    queries). Budgets and step sizes are per
     modality, in the [0, 1] input scale. FGSM takes a single step of size eps (``steps`` and
     ``alpha`` are ignored); APGD sets its own step sizes (2·eps, halved on a schedule).
     ``restarts`` > 1 re-runs a randomised attack on the clips still standing, each restart
@@ -180,8 +191,8 @@ class AttackConfig:
             raise ConfigError("name", f"must be one of {ATTACKS}, got {self.name!r}")
         if self.mode not in MODES:
             raise ConfigError("mode", f"must be one of {MODES}, got {self.mode!r}")
-        if self.steps < 1:
-            raise ConfigError("steps", "must be at least 1")
+        if not 1 <= self.steps <= max_steps(self.name):
+            raise ConfigError("steps", f"must be in 1..{max_steps(self.name)} for {self.name}")
         for name in ("eps_rgb", "eps_skel"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(name, "must be in [0, 1]")

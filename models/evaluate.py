@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .attacks import run_attack
 from .checkpoint import resolve_device
-from .config import DEFAULT_STEPS, GRADIENT_ATTACKS, MODES, AttackConfig, ConfigError
+from .config import ATTACKS, DEFAULT_STEPS, GRADIENT_ATTACKS, MODES, AttackConfig, ConfigError, max_steps
 
 STRATEGIES = ("full", "worst-case")
 # ClipRecords.outcome codes.
@@ -56,38 +56,78 @@ class EvaluationCancelled(Exception):
     """``should_stop()`` asked the evaluation to stop."""
 
 
-_ATTACK_SPEC = re.compile(r"^(fgsm|pgd|cw|apgd-ce|apgd-dlr|square)(\d*)$")
+def _counts_up_to(maximum: int) -> str:
+    """Regular expression of the decimal integers 1..``maximum`` (a power of ten), written
+    without leading zeros."""
+    digits = len(str(maximum)) - 1
+    if maximum != 10**digits:
+        raise ValueError(f"{maximum} is not a power of ten")
+    return f"[1-9][0-9]{{0,{digits - 1}}}|{maximum}"
+
+
+def _attack_spec_pattern() -> str:
+    counted: dict[int, list[str]] = {}
+    for name in ATTACKS:
+        if name != "fgsm":
+            counted.setdefault(max_steps(name), []).append(name)
+    alternatives = ["fgsm", "autoattack"]
+    for limit, names in counted.items():
+        name = names[0] if len(names) == 1 else f"(?:{'|'.join(names)})"
+        alternatives.append(f"{name}(?:{_counts_up_to(limit)})?")
+    return f"^(?:{'|'.join(alternatives)})$"
+
+
+# Every attack string a suite accepts, as one regular expression (also the ``pattern`` of
+# the REST schema, so OpenAPI documents it; the ECMA, Rust and Python dialects read it
+# alike): lower case, nothing around, an optional count (iterations; queries for Square)
+# without leading zeros and within MAX_STEPS / MAX_QUERIES, or the autoattack preset.
+#   ^(?:fgsm|autoattack|(?:pgd|cw|apgd-ce|apgd-dlr)(?:[1-9][0-9]{0,2}|1000)?|square(?:[1-9][0-9]{0,3}|10000)?)$
+ATTACK_SPEC_PATTERN = _attack_spec_pattern()
+ATTACK_SPEC_MAX_LENGTH = max(len(name) + len(str(max_steps(name))) for name in ATTACKS)
+# What parse_attack_spec reads before it checks the count, so its errors can say what is wrong.
+_ATTACK_SPEC = re.compile(f"({'|'.join(ATTACKS)})([0-9]*)")
 
 
 def parse_attack_spec(spec: str) -> tuple[str, int]:
     """"fgsm" → ("fgsm", 1); "pgd20" → ("pgd", 20); "cw" → ("cw", 30); "apgd-ce" → 100;
-    "square5000" → ("square", 5000)."""
-    m = _ATTACK_SPEC.match(spec.strip().lower())
+    "square5000" → ("square", 5000). Accepts exactly the strings ATTACK_SPEC_PATTERN admits,
+    but ``autoattack`` (a preset: ``expand_attacks``)."""
+    shown = repr(spec if len(spec) <= 40 else spec[:40] + "...")
+    m = _ATTACK_SPEC.fullmatch(spec)
     if not m:
-        raise ConfigError("attacks", f"unknown attack {spec!r} (use fgsm, pgdK, cwK, apgd-ce[K], apgd-dlr[K], "
+        normal = spec.strip().lower()
+        if normal != spec and (normal == "autoattack" or _ATTACK_SPEC.fullmatch(normal)):
+            raise ConfigError("attacks", f"unknown attack {shown}: attack names are lower case, without spaces "
+                                         f"({normal!r})")
+        raise ConfigError("attacks", f"unknown attack {shown} (use fgsm, pgdK, cwK, apgd-ce[K], apgd-dlr[K], "
                                      "square[K] or autoattack, e.g. pgd20)")
-    name, steps = m.group(1), m.group(2)
+    name, count = m.groups()
     if name == "fgsm":
-        if steps:
-            raise ConfigError("attacks", f"FGSM takes no step count ({spec!r})")
+        if count:
+            raise ConfigError("attacks", f"FGSM takes no step count ({shown})")
         return name, 1
-    if steps and int(steps) < 1:
-        raise ConfigError("attacks", f"{spec!r}: the step count must be at least 1")
-    return name, int(steps) if steps else DEFAULT_STEPS[name]
+    if not count:
+        return name, DEFAULT_STEPS[name]
+    limit, unit = max_steps(name), "queries" if name == "square" else "steps"
+    if count.startswith("0"):
+        raise ConfigError("attacks", f"{shown}: the number of {unit} is at least 1, written without leading zeros")
+    if len(count) > len(str(limit)) or int(count) > limit:
+        raise ConfigError("attacks", f"{shown}: at most {limit} {unit}")
+    return name, int(count)
 
 
 def expand_attacks(attacks: Sequence[str]) -> list[str]:
     """``autoattack`` → APGD-CE, APGD-DLR, Square (AutoAttack's standard budget)."""
     out: list[str] = []
     for spec in attacks:
-        out.extend(AUTOATTACK if spec.strip().lower() == "autoattack" else [spec])
+        out.extend(AUTOATTACK if spec == "autoattack" else [spec])
     return out
 
 
 def default_strategy(attacks: Sequence[str]) -> str:
     """``worst-case`` when the suite names the ``autoattack`` preset (a cascade by
     definition), else ``full``."""
-    return "worst-case" if any(a.strip().lower() == "autoattack" for a in attacks) else "full"
+    return "worst-case" if "autoattack" in attacks else "full"
 
 
 def build_suite(attacks: Sequence[str], modes: Sequence[str] = MODES, eps: Sequence[float] = (8.0,),

@@ -2,15 +2,17 @@
 clean, worst case, cascade = full, batch independence, restarts, the threat model of the
 attacks (joint steps, eval mode, absent bodies) and the gradient-masking diagnostics."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models.attacks import attack, run_attack
-from models.config import AttackConfig, ConfigError, preset_config
-from models.evaluate import (BROKEN, CLEAN_WRONG, SKIPPED, SURVIVED, ClipRecords, build_suite, cascade_order,
-                             evaluate, run_records)
+from models.config import ATTACKS, MAX_QUERIES, MAX_STEPS, AttackConfig, ConfigError, max_steps, preset_config
+from models.evaluate import (ATTACK_SPEC_MAX_LENGTH, ATTACK_SPEC_PATTERN, BROKEN, CLEAN_WRONG, SKIPPED, SURVIVED,
+                             ClipRecords, build_suite, cascade_order, evaluate, parse_attack_spec, run_records)
 from models.fusion import ModelOutput, build_model
 from models.report import build_report, compare
 
@@ -294,3 +296,69 @@ def test_compare_reads_v1_and_v2_and_the_worst_case():
     assert table["rows"][0]["wc"] is None and table["rows"][1]["wc"] == pytest.approx(100 / 3)
     worst = compare([v2], attack="worst-case")
     assert worst["rows"][0]["RS"] == pytest.approx(100 / 3)
+
+
+# ------------------------------------------------------------------------- attack strings
+
+
+def attack_spec_candidates() -> list[str]:
+    """Strings near the attack-spec grammar: every name with counts around the bounds,
+    other cases, spaces, leading zeros, non-ASCII digits, and a seeded fuzz of fragments."""
+    import random
+
+    names = ATTACKS + ("autoattack",)
+    counts = ["", "0", "00", "01", "007", "1", "2", "9", "10", "20", "99", "100", "999", "1000", "1001", "5000",
+              "9999", "10000", "10001", "99999", "999999999", "9" * 5000, "٣", "²", "-5", "+5", " 5", "1.5", "1e3",
+              "1\n"]
+    out = [name + count for name in names for count in counts]
+    out += [variant for name in names for variant in (name.upper(), name.title(), f" {name}", f"{name} ", f"{name}\n",
+                                                       name[:-1], f"{name}-", f"{name}x5")]
+    fragments = ["pgd", "cw", "apgd", "-ce", "-dlr", "square", "fgsm", "auto", "attack", "0", "1", "5", "9", "00",
+                 " ", "P", "-", ""]
+    rng = random.Random(0)
+    out += ["".join(rng.choice(fragments) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    return out
+
+
+def accepted_by_the_engine(spec: str) -> bool:
+    try:
+        build_suite([spec], modes=["RS"])
+    except ConfigError:
+        return False
+    return True
+
+
+def test_the_attack_spec_pattern_admits_exactly_what_the_engine_parses():
+    """ATTACK_SPEC_PATTERN (the API's schema pattern) and parse_attack_spec (the CLI) agree
+    string for string, near the grammar and over every count up to the bounds."""
+    for spec in attack_spec_candidates():
+        assert bool(re.fullmatch(ATTACK_SPEC_PATTERN, spec)) == accepted_by_the_engine(spec), spec[:40]
+    for name in ATTACKS[1:]:  # every count the engine takes matches, and the next one is refused by both
+        for k in range(1, max_steps(name) + 2):
+            assert bool(re.fullmatch(ATTACK_SPEC_PATTERN, f"{name}{k}")) == (k <= max_steps(name)), f"{name}{k}"
+            assert accepted_by_the_engine(f"{name}{k}") == (k <= max_steps(name)), f"{name}{k}"
+    assert max(len(s) for s in attack_spec_candidates() if accepted_by_the_engine(s)) == ATTACK_SPEC_MAX_LENGTH
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("pgd999999999", f"at most {MAX_STEPS} steps"), ("cw1001", f"at most {MAX_STEPS} steps"),
+    ("apgd-ce1001", "at most"), ("apgd-dlr1001", "at most"), ("square10001", f"at most {MAX_QUERIES} queries"),
+    ("pgd" + "9" * 5000, "at most"), ("pgd0", "at least 1"), ("pgd020", "leading zeros"), ("fgsm1", "no step count"),
+    ("PGD20", "lower case"), (" autoattack", "lower case"), ("pgd٣", "unknown attack"), ("deepfool", "unknown attack"),
+])
+def test_attack_strings_out_of_bounds_are_config_errors(spec, words):
+    """What the CLI says (its --attacks go through build_suite); long input is cut short."""
+    with pytest.raises(ConfigError, match=words) as caught:
+        build_suite([spec])
+    assert caught.value.field == "attacks" and len(str(caught.value)) < 300
+
+
+def test_attack_counts_at_the_bounds():
+    assert parse_attack_spec(f"pgd{MAX_STEPS}") == ("pgd", MAX_STEPS)
+    assert parse_attack_spec(f"square{MAX_QUERIES}") == ("square", MAX_QUERIES)
+    assert parse_attack_spec("square") == ("square", 5000) and parse_attack_spec("cw") == ("cw", 30)
+    assert AttackConfig(name="square", steps=MAX_QUERIES).steps == MAX_QUERIES
+    with pytest.raises(ConfigError, match="steps"):
+        AttackConfig(name="pgd", steps=MAX_STEPS + 1)
+    with pytest.raises(ConfigError, match="steps"):
+        AttackConfig(name="square", steps=MAX_QUERIES + 1)

@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -230,6 +231,28 @@ def test_malformed_skeleton_names_file_and_line(tmp_path, case):
         read_skeleton_text("\n".join(lines), "upload.skeleton")
 
 
+def test_skeleton_frame_limit_refuses_from_the_first_line(tmp_path):
+    rng = np.random.default_rng(0)
+    text = skeleton_text([[(1, pose(rng, frames=1)[0])]] * 3)
+    assert read_skeleton_text(text, "ok.skeleton", max_frames=3).shape == (3, 25, 3, 2)
+    with pytest.raises(SkeletonFormatError, match="ok.skeleton: line 1: 3 frames is above the 2-frame limit"):
+        read_skeleton_text(text, "ok.skeleton", max_frames=2)
+    path = tmp_path / "S001C001P001R001A001.skeleton"
+    path.write_text(text)
+    with pytest.raises(SkeletonFormatError, match="3 frames is above the 2-frame limit"):
+        read_skeleton_file(path, max_frames=2)
+    # A bomb: one real frame, then two million empty ones (6 MB of CRLF text, declared
+    # honestly). Refused from its first line, without parsing the rest.
+    bomb = "\r\n".join(["2000001", *text.splitlines()[1:29]] + ["0"] * 2_000_000) + "\r\n"
+    started = time.perf_counter()
+    with pytest.raises(SkeletonFormatError, match="line 1: 2000001 frames is above the 10000-frame limit"):
+        read_skeleton_text(bomb, "bomb.skeleton", max_frames=10000)
+    assert time.perf_counter() - started < 0.05
+    # A first line that is not one integer is left to the parser, which names the problem.
+    with pytest.raises(SkeletonFormatError, match="line 1: expected frame count"):
+        read_skeleton_text("3 frames\n" + text.split("\n", 1)[1], "x", max_frames=2)
+
+
 # --------------------------------------------------------------------------- array ops
 
 
@@ -396,6 +419,51 @@ def test_unreadable_videos_raise_naming_the_file(tmp_path):
         read_video(tmp_path / "missing_rgb.avi", 4, 16)
     with pytest.raises(VideoDecodeError, match="clip.avi"):
         read_video_bytes(b"", 4, 16, name="clip.avi")
+
+
+def _mp4(tmp_path, name, frames, width, height, container="mp4"):
+    """A flat grey mpeg4 clip of ``frames`` frames, written with PyAV."""
+    path = tmp_path / name
+    with av.open(str(path), mode="w", format=container) as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        picture = av.VideoFrame.from_ndarray(np.full((height, width, 3), 90, np.uint8), format="rgb24")
+        for _ in range(frames):
+            out.mux(stream.encode(picture))
+        out.mux(stream.encode())
+    return path
+
+
+def test_probe_video_reads_the_header(tmp_path):
+    info = ntu.probe_video(_mp4(tmp_path, "a.mp4", 50, 64, 32))
+    assert (info.width, info.height, info.frames, info.codec) == (64, 32, 50, "mpeg4")
+    assert info.duration_s == pytest.approx(2.0, abs=0.05)
+    mkv = _mp4(tmp_path, "a.mkv", 5, 32, 32, container="matroska")
+    with open(mkv, "rb") as upload:
+        info = ntu.probe_video(upload, name="clip.mkv")
+    assert info.frames == 0 and info.width == 32  # Matroska stores no frame count
+    with pytest.raises(VideoDecodeError, match="clip.avi"):
+        ntu.probe_video(io.BytesIO(b"not a video" * 50), name="clip.avi")
+
+
+def test_read_video_limits_refuse_before_and_while_decoding(tmp_path):
+    clip = _mp4(tmp_path, "a.mp4", 50, 64, 32)
+    assert read_video(clip, 4, 16, max_frames=50, max_width=64, max_height=32, max_seconds=2.5).shape == \
+        (3, 4, 16, 16)
+    for limits, message in [
+        (dict(max_width=48, max_height=48), "64x32 is above the 48x48 limit"),
+        (dict(max_height=16), "64x32 is above the anyx16 limit"),
+        (dict(max_frames=10), "50 frames is above the 10-frame limit"),
+        (dict(max_seconds=1.0), "2.0 s is above the 1 s limit"),
+    ]:
+        with pytest.raises(ntu.VideoTooLargeError, match=message) as info:
+            read_video(clip, 4, 16, name="up.mp4", **limits)
+        assert isinstance(info.value, VideoDecodeError) and "up.mp4" in str(info.value)
+    # Without a count in the header, decoding stops at the first frame past the limit.
+    mkv = _mp4(tmp_path, "a.mkv", 30, 32, 32, container="matroska")
+    with pytest.raises(ntu.VideoTooLargeError, match="more than 10 frames decoded; above the 10-frame limit"):
+        read_video(mkv, 4, 16, max_frames=10)
+    assert read_video(mkv, 4, 16, max_frames=30).shape == (3, 4, 16, 16)
 
 
 # --------------------------------------------------------------------------- root scanning

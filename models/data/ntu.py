@@ -34,9 +34,10 @@ import io
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import av
 import numpy as np
@@ -138,6 +139,12 @@ class VideoDecodeError(ValueError):
 
     def __reduce__(self):
         return (type(self), (self.path, self.message))
+
+
+class VideoTooLargeError(VideoDecodeError):
+    """A video above a limit given to ``read_video``: its resolution, frame count or
+    duration. Found from the header before any frame is decoded, or while decoding when
+    the header understates the length. The message names the limit."""
 
 
 # --------------------------------------------------------------------------- sample names
@@ -268,7 +275,18 @@ def _is_number(token: str) -> bool:
     return True
 
 
-def read_skeleton_text(text: str, source_name: str = "<skeleton>") -> np.ndarray:
+def _declared_frame_count(text: str) -> int | None:
+    """The frame count on the first line, read from a short prefix of ``text``; None when
+    that line is not a single integer (the full parser then reports it)."""
+    head = text[:64].splitlines()
+    tokens = head[0].split() if head else []
+    if len(tokens) == 1 and tokens[0].isascii() and tokens[0].isdigit():
+        return int(tokens[0])
+    return None
+
+
+def read_skeleton_text(text: str, source_name: str = "<skeleton>",
+                       max_frames: int | None = None) -> np.ndarray:
     """Parse the text of a ``.skeleton`` file into float32 ``(frames, 25, 3, 2)``.
 
     Only x, y, z (metres, camera space) are kept. Bodies are tracked across frames by
@@ -279,8 +297,16 @@ def read_skeleton_text(text: str, source_name: str = "<skeleton>") -> np.ndarray
 
     ``source_name`` is used in error messages (a file path or an upload's file name).
     Raises ``SkeletonFormatError`` for malformed text and ``EmptySkeletonError`` when no
-    body appears in any frame.
+    body appears in any frame. With ``max_frames``, a file that declares more frames is
+    refused from its first line, before anything is split or allocated: the output array
+    and the resampling after it grow with the declared count, whatever the file's size
+    (two million empty frames take 6 MB of text and 600 MB as an array).
     """
+    if max_frames is not None:
+        declared = _declared_frame_count(text)
+        if declared is not None and declared > max_frames:
+            raise SkeletonFormatError(source_name, 1, f"{declared} frames is above the "
+                                                      f"{max_frames}-frame limit")
     lines = _Lines(text, source_name)
     frame_count = lines.count("frame count")
     # bodyID -> (frame indices, joint arrays, order of first appearance)
@@ -333,7 +359,7 @@ def read_skeleton_text(text: str, source_name: str = "<skeleton>") -> np.ndarray
     return out
 
 
-def read_skeleton_file(path: str | os.PathLike) -> np.ndarray:
+def read_skeleton_file(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
     """Read a ``.skeleton`` file; see ``read_skeleton_text``. Errors name the path."""
     path = Path(path)
     data = path.read_bytes()
@@ -342,7 +368,7 @@ def read_skeleton_file(path: str | os.PathLike) -> np.ndarray:
     except UnicodeDecodeError as exc:
         raise SkeletonFormatError(path, data.count(b"\n", 0, exc.start) + 1,
                                   "not a text file (non-ASCII byte)") from None
-    return read_skeleton_text(text, str(path))
+    return read_skeleton_text(text, str(path), max_frames)
 
 
 # --------------------------------------------------------------------------- array ops
@@ -434,8 +460,113 @@ def _resize_crop(rgb: np.ndarray, size: int) -> torch.Tensor:
     return x[:, top:top + size, left:left + size].contiguous()
 
 
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a container's header says about its first video stream (see ``probe_video``)."""
+
+    width: int
+    height: int
+    frames: int  # 0 when the container stores no count (Matroska, WebM)
+    duration_s: float | None  # None when the container does not say
+    codec: str
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """Bounds on what a video may cost to decode; None means unbounded.
+
+    ``check_header`` refuses a clip from its header alone; ``check_frame`` is applied to
+    every decoded frame, because a header can understate the length or the size.
+    """
+
+    max_frames: int | None = None
+    max_width: int | None = None
+    max_height: int | None = None
+    max_seconds: float | None = None
+
+    def _check_size(self, width: int, height: int, name: str) -> None:
+        if ((self.max_width is not None and width > self.max_width)
+                or (self.max_height is not None and height > self.max_height)):
+            limit = f"{self.max_width or 'any'}x{self.max_height or 'any'}"
+            raise VideoTooLargeError(name, f"{width}x{height} is above the {limit} limit")
+
+    def check_header(self, info: VideoInfo, name: str) -> None:
+        self._check_size(info.width, info.height, name)
+        if self.max_frames is not None and info.frames > self.max_frames:
+            raise VideoTooLargeError(name, f"{info.frames} frames is above the {self.max_frames}-frame limit")
+        if (self.max_seconds is not None and info.duration_s is not None
+                and info.duration_s > self.max_seconds):
+            raise VideoTooLargeError(name, f"{info.duration_s:.1f} s is above the {self.max_seconds:g} s limit")
+
+    def check_frame(self, count: int, width: int, height: int, info: VideoInfo, name: str) -> None:
+        """Frame number ``count`` (1-based) has just been decoded."""
+        self._check_size(width, height, name)
+        if self.max_frames is not None and count > self.max_frames:
+            declared = f" (its header declares {info.frames})" if info.frames else ""
+            raise VideoTooLargeError(name, f"more than {self.max_frames} frames decoded{declared}; above the "
+                                           f"{self.max_frames}-frame limit")
+
+
+@contextmanager
+def _av_errors(name: str) -> Iterator[None]:
+    """PyAV and I/O failures as ``VideoDecodeError`` naming the file. A failed allocation
+    stays a ``MemoryError`` (PyAV's ENOMEM error is one), so a caller with a memory budget
+    can tell "too big" from "corrupt"."""
+    try:
+        yield
+    except (VideoDecodeError, MemoryError):
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
+        raise VideoDecodeError(name, f"cannot decode video: {exc}") from exc
+
+
+def _stream_info(container: "av.container.InputContainer", stream: "av.video.stream.VideoStream") -> VideoInfo:
+    ctx = stream.codec_context
+    if stream.duration is not None and stream.time_base is not None:
+        duration: float | None = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / av.time_base
+    else:
+        duration = None
+    return VideoInfo(width=int(ctx.width or 0), height=int(ctx.height or 0), frames=int(stream.frames or 0),
+                     duration_s=duration, codec=ctx.name or "")
+
+
+def _opener(source: str | os.PathLike | BinaryIO,
+            name: str | None) -> tuple[str, Callable[[], "av.container.InputContainer"]]:
+    """(label for errors, a function opening the container afresh) for a path or a file."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        label = name or path
+        if not os.path.isfile(path):
+            raise VideoDecodeError(label, "no such file")
+        return label, lambda: av.open(path, mode="r")
+    label = name or getattr(source, "name", None) or "<upload>"
+    start = source.tell()
+
+    def open_file():
+        source.seek(start)
+        return av.open(source, mode="r")
+
+    return label, open_file
+
+
+def probe_video(source: str | os.PathLike | BinaryIO, name: str | None = None) -> VideoInfo:
+    """The header of a video's first stream: size, frame count, duration and codec.
+
+    Opens the container without decoding the clip (FFmpeg's stream probe may decode a few
+    frames within its probe size to learn the codec parameters). Raises
+    ``VideoDecodeError`` naming the file if it cannot be opened or has no video stream.
+    """
+    label, open_container = _opener(source, name)
+    with _av_errors(label), open_container() as container:
+        if not container.streams.video:
+            raise VideoDecodeError(label, "no video stream")
+        return _stream_info(container, container.streams.video[0])
+
+
 def _decode(open_container: Callable[[], "av.container.InputContainer"], name: str,
-            frames: int, size: int, total: int | None) -> tuple[int, int, dict]:
+            frames: int, size: int, total: int | None, limits: VideoLimits) -> tuple[int, int, dict]:
     """Decode every frame, converting only the sampled ones.
 
     Indices are chosen for ``total`` frames, or for the container's own frame count when
@@ -443,28 +574,27 @@ def _decode(open_container: Callable[[], "av.container.InputContainer"], name: s
     """
     kept: dict[int, torch.Tensor] = {}
     count = 0
-    try:
-        with open_container() as container:
-            if not container.streams.video:
-                raise VideoDecodeError(name, "no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            if total is None:
-                total = int(stream.frames or 0)
-            wanted = set(_frame_indices(total, frames).tolist()) if total > 0 else set()
-            for frame in container.decode(stream):
-                if count in wanted:
-                    kept[count] = _resize_crop(frame.to_ndarray(format="rgb24"), size)
-                count += 1
-    except VideoDecodeError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
-        raise VideoDecodeError(name, f"cannot decode video: {exc}") from exc
+    with _av_errors(name), open_container() as container:
+        if not container.streams.video:
+            raise VideoDecodeError(name, "no video stream")
+        stream = container.streams.video[0]
+        info = _stream_info(container, stream)
+        limits.check_header(info, name)
+        stream.thread_type = "AUTO"
+        if total is None:
+            total = info.frames
+        wanted = set(_frame_indices(total, frames).tolist()) if total > 0 else set()
+        for frame in container.decode(stream):
+            limits.check_frame(count + 1, frame.width, frame.height, info, name)
+            if count in wanted:
+                kept[count] = _resize_crop(frame.to_ndarray(format="rgb24"), size)
+            count += 1
     return count, total, kept
 
 
 def read_video(source: str | os.PathLike | BinaryIO, frames: int, size: int,
-               name: str | None = None) -> np.ndarray:
+               name: str | None = None, *, max_frames: int | None = None, max_width: int | None = None,
+               max_height: int | None = None, max_seconds: float | None = None) -> np.ndarray:
     """Decode a video into uint8 ``(3, frames, size, size)`` RGB.
 
     ``source`` is a path or a seekable binary file object (an upload; see also
@@ -479,31 +609,22 @@ def read_video(source: str | os.PathLike | BinaryIO, frames: int, size: int,
     decoded count disagrees the clip is decoded a second time with the true count.
     Raises ``VideoDecodeError`` naming the file (or ``name``) if the source cannot be
     opened or decoded or holds no frame.
+
+    The ``max_*`` limits (None: unbounded) bound the cost of an untrusted clip: a header
+    declaring a larger size, more frames or a longer duration is refused before any frame
+    is decoded, and decoding stops at the first frame beyond ``max_frames`` or larger than
+    the size limit. Either raises ``VideoTooLargeError`` naming the limit.
     """
     if frames < 1 or size < 1:
         raise ValueError(f"frames and size must be >= 1, got {frames}, {size}")
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        label = name or path
-        if not os.path.isfile(path):
-            raise VideoDecodeError(label, "no such file")
-
-        def open_container():
-            return av.open(path, mode="r")
-    else:
-        label = name or getattr(source, "name", None) or "<upload>"
-        start = source.tell()
-
-        def open_container():
-            source.seek(start)
-            return av.open(source, mode="r")
-
-    count, assumed, kept = _decode(open_container, label, frames, size, None)
+    limits = VideoLimits(max_frames, max_width, max_height, max_seconds)
+    label, open_container = _opener(source, name)
+    count, assumed, kept = _decode(open_container, label, frames, size, None, limits)
     if count == 0:
         raise VideoDecodeError(label, "the video holds no decodable frame")
     if count != assumed:
         # Header count missing or wrong: decode again now that the true count is known.
-        count2, _, kept = _decode(open_container, label, frames, size, count)
+        count2, _, kept = _decode(open_container, label, frames, size, count, limits)
         if count2 != count:
             raise VideoDecodeError(label, f"decoded {count} then {count2} frames")
     indices = _frame_indices(count, frames)

@@ -45,8 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup(data_dir: Path) -> tuple[str, Path, bytes, bytes]:
-    """A registered tiny model and one clip; returns (model id, checkpoint dir, video, skeleton)."""
+def setup(data_dir: Path) -> tuple[str, Path, bytes, bytes, str]:
+    """A registered tiny model, one clip and an API key; returns (model id, checkpoint dir,
+    video, skeleton, key)."""
     from models.checkpoint import save_checkpoint
     from models.config import TrainConfig, preset_config
     from models.data import ntu
@@ -67,13 +68,16 @@ def setup(data_dir: Path) -> tuple[str, Path, bytes, bytes]:
         "model": cfg.to_dict(), "preset": "tiny", "class_names": info["class_names"],
         "normalisation": {"skel_min": [-1.5, -1.5, 1.5], "skel_max": [1.5, 1.5, 4.5]},
         "train": TrainConfig().to_dict()})
+    from service.auth import create_key
+
     with make_sessionmaker(make_engine(settings.database_url))() as session:
+        _, key = create_key(session, "bench", admin=True)
         model = add_model(session, open_store(settings.store_url), checkpoint, "bench-tiny")
         session.commit()
     sample = "S001C001P001R001A001"
     video = (data_dir / "clip" / ntu.RGB_DIR / f"{sample}{ntu.VIDEO_SUFFIX}").read_bytes()
     skeleton = (data_dir / "clip" / ntu.SKELETON_DIR / f"{sample}{ntu.SKELETON_SUFFIX}").read_bytes()
-    return model.id, checkpoint, video, skeleton
+    return model.id, checkpoint, video, skeleton, key
 
 
 def bare_forward_ms(checkpoint: Path, video: bytes, skeleton: bytes, repeats: int) -> float:

@@ -1,27 +1,47 @@
 """The FastAPI application: ``create_app(settings)``.
 
 On start it migrates the database to the newest schema, opens the store and a Celery
-producer on the configured broker. Errors are JSON ``{"detail": ...}``: 404 unknown ids,
-409 conflicts, 413 too large, 415 wrong media type, 422 invalid input (``detail`` is a
-list of ``{"loc", "msg"}`` naming the field), 503 a backend is down. A 500 is a bug.
+producer on the configured broker. Every ``/v1`` route needs an API key
+(``service.auth``). Errors are JSON ``{"detail": ...}``: 401 no or a bad key, 403 an admin
+route or a read-only share, 404 unknown (or someone else's) ids, 409 conflicts, 413 too
+large, 415 wrong media type, 422 invalid input (``detail`` is a list of ``{"loc", "msg"}``
+naming the field), 429 over a quota, 503 busy or a backend is down (with ``Retry-After``
+when waiting helps). A 500 is a bug.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.api import datasets, health, jobs, models, reports, sweeps
+from service.api import datasets, health, jobs, keys, models, reports, sweeps
+from service.auth import get_caller
 from service.classify import ModelCache
 from service.db import make_engine, make_sessionmaker, migrate
+from service.decoder import make_decoder_pool
+from service.middleware import Admission, Admit, Authenticate, LimitBody
 from service.settings import Settings
 from service.store import open_store
 from worker.celery_app import make_celery
 
 log = logging.getLogger("robustact.api")
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float replaced by its name ("nan", "inf", "-inf")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -44,23 +64,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.celery = make_celery(settings)
         app.state.models = ModelCache(store, settings.cache_dir / "models", settings.model_cache_size,
                                       settings.device)
+        app.state.decoders = make_decoder_pool(settings)
         try:
             yield
         finally:
+            app.state.decoders.close()
             engine.dispose()
 
     app = FastAPI(title="robustact", version="0.1.0", lifespan=lifespan,
                   description="Train, attack and serve RGB + skeleton action-recognition models (AMR).")
 
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next):
-        # Reject an oversized upload before reading it; chunked uploads without a length
-        # are checked again after parsing (classify route).
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes:
-            return JSONResponse({"detail": f"request body of {int(length)} bytes is larger than the "
-                                           f"{settings.max_upload_mb:g} MiB limit"}, status_code=413)
-        return await call_next(request)
+    # Outermost first: authenticate, admit (classify), then count the body's bytes.
+    app.state.admission = Admission(settings.classify_slots, settings.classify_queue)
+    app.add_middleware(LimitBody, upload_bytes=settings.max_upload_bytes, body_bytes=settings.max_body_bytes)
+    app.add_middleware(Admit, admission=app.state.admission, retry_after_s=settings.busy_retry_after_s)
+    app.add_middleware(Authenticate)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        # FastAPI's own handler echoes each bad value; a NaN or an infinity (Python's json
+        # reads them) would make that answer unserialisable, i.e. a 500.
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):
@@ -68,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); this is a bug, see the server log"},
                             status_code=500)
 
-    for module in (health, datasets, jobs, sweeps, models, reports):
-        app.include_router(module.router)
+    app.include_router(health.router)
+    for module in (keys, datasets, jobs, sweeps, models, reports):  # every /v1 route needs a key
+        app.include_router(module.router, dependencies=[Depends(get_caller)])
     return app

@@ -1,19 +1,21 @@
-"""Classify an uploaded clip with a trained model, in the API process.
+"""Classify an uploaded clip with a trained model.
 
-The RGB clip (``.avi`` / ``.mp4``) is decoded straight from the upload's spooled file with
-``models.data.ntu.read_video``; the skeleton is an NTU ``.skeleton`` text file or a ``.npy``
-array of shape T×V×3 or T×V×3×M (loaded with ``allow_pickle=False``). The skeleton is
-scaled with the checkpoint's normalisation constants and resampled to the model's frame
-count, exactly as the training cache does. Loaded models are kept in a small LRU.
+The uploads are decoded in decoder processes (:mod:`service.decoder`), within limits of
+size, time and memory, so that a hostile clip cannot take the API down: the RGB clip
+(``.avi`` / ``.mp4``) by ``models.data.ntu.read_video``; the skeleton, an NTU ``.skeleton``
+text file or a ``.npy`` array of shape T×V×3 or T×V×3×M (loaded with
+``allow_pickle=False``), resampled to the model's frame count and scaled with the
+checkpoint's normalisation constants, exactly as the training cache does. The forward pass
+runs here, on models kept in a small LRU.
 
-Problems with an upload raise :class:`UploadError` (→ 422, naming the field) or
-:class:`MediaTypeError` (→ 415); nothing is written to disk except the checkpoint cache.
+A missing modality raises :class:`UploadError` (→ 422, naming the field), an unaccepted
+media type :class:`MediaTypeError` (→ 415), and a clip that cannot be decoded
+``service.decoder.DecodeError`` (→ its ``status``: 422, or 503 when the decoder failed).
 """
 
 from __future__ import annotations
 
-import io
-import os
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -21,18 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 
 from models.checkpoint import load_checkpoint, resolve_device
 from models.config import ModelConfig
-from models.data import ntu
+from service.decoder import SKELETON, VIDEO, DecoderPool, Geometry, decode
 from service.store import Store, materialize_dir
 
 VIDEO_TYPES = {".avi": {"video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi"},
                ".mp4": {"video/mp4"}}
 SKELETON_TYPES = {".skeleton": {"text/plain"},
                   ".npy": {"application/x-npy", "application/npy", "application/x-numpy"}}
+MEDIA_TYPES = {VIDEO: VIDEO_TYPES, SKELETON: SKELETON_TYPES}
 # What curl and most clients send for a file they do not recognise.
 GENERIC_TYPES = {"", "application/octet-stream", "binary/octet-stream"}
 
@@ -72,70 +74,22 @@ def check_media_type(upload: Upload, allowed: dict[str, set[str]]) -> str:
 
 
 def decode_video(upload: Upload, cfg: ModelConfig) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(3, T, S, S) float in [0, 1] at the model's geometry."""
-    check_media_type(upload, VIDEO_TYPES)
-    upload.file.seek(0)
-    try:
-        clip = ntu.read_video(upload.file, cfg.rgb_frames, cfg.rgb_size, name=upload.filename)
-    except ntu.VideoDecodeError as e:
-        raise UploadError(upload.field, f"corrupt or unreadable video {upload.filename!r}: {e.message}") from None
-    return torch.from_numpy(clip).float().div_(255.0), {"frames": cfg.rgb_frames, "size": cfg.rgb_size}
-
-
-def _skeleton_array(upload: Upload, suffix: str) -> np.ndarray:
-    """The upload as ``(T, V, 3, M)`` float32, before any model-specific check."""
-    upload.file.seek(0)
-    data = upload.file.read()
-    if not data:
-        raise UploadError(upload.field, f"{upload.filename!r} is empty")
-    if suffix == ".skeleton":
-        try:
-            text = data.decode("ascii")
-        except UnicodeDecodeError as e:
-            line = data.count(b"\n", 0, e.start) + 1
-            raise UploadError(upload.field, f"{upload.filename}: line {line}: not a text file (non-ASCII byte)") \
-                from None
-        try:
-            return ntu.read_skeleton_text(text, upload.filename)
-        except ntu.SkeletonFormatError as e:
-            raise UploadError(upload.field, f"malformed skeleton file: {e}") from None
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise UploadError(upload.field, f"{upload.filename!r} is not a readable .npy array ({e})") from None
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "iuf":
-        raise UploadError(upload.field, f"{upload.filename!r}: expected a numeric array, got dtype {array.dtype}")
-    if array.ndim == 3:
-        array = array[..., None]
-    if array.ndim != 4:
-        raise UploadError(upload.field, f"{upload.filename!r} has shape {tuple(array.shape)}; expected T×V×3 or "
-                                        "T×V×3×M (frames, joints, xyz, bodies)")
-    if not np.isfinite(array).all():
-        raise UploadError(upload.field, f"{upload.filename!r} holds NaN or infinite coordinates")
-    return array.astype(np.float32)
+    """(3, T, S, S) float in [0, 1] at the model's geometry, decoded in this process with
+    no limit: for benchmarks. The API decodes through a ``DecoderPool`` (``classify``)."""
+    return _decode_here(VIDEO, upload, Geometry.of(cfg))
 
 
 def decode_skeleton(upload: Upload, cfg: ModelConfig, meta: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(3, T, V, M) float in [0, 1]: checked against the model, scaled, resampled."""
-    suffix = check_media_type(upload, SKELETON_TYPES)
-    array = _skeleton_array(upload, suffix)
-    frames, joints, coords, bodies = array.shape
-    if frames < 1:
-        raise UploadError(upload.field, "the skeleton has no frames")
-    if joints != cfg.joints:
-        raise UploadError(upload.field, f"the skeleton has {joints} joints per body; this model expects {cfg.joints}")
-    if coords != 3:
-        raise UploadError(upload.field, f"the skeleton has {coords} coordinates per joint; expected 3 (x, y, z)")
-    if bodies > cfg.persons:
-        raise UploadError(upload.field, f"the skeleton has {bodies} bodies; this model takes at most {cfg.persons}")
-    if bodies < cfg.persons:
-        array = np.concatenate([array, np.zeros((frames, joints, 3, cfg.persons - bodies), np.float32)], axis=3)
-    # The order of the training cache (models.data.cache.prepare): resample, then scale.
-    norm = meta["normalisation"]
-    resampled = ntu.resample_skeleton(array, cfg.skel_frames)
-    scaled = ntu.scale_skeleton(resampled, norm["skel_min"], norm["skel_max"])
-    skel = torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1, 3)))
-    return skel, {"frames": frames, "resampled_to": cfg.skel_frames, "joints": joints, "bodies": bodies}
+    """(3, T, V, M) float in [0, 1]: checked against the model, resampled, scaled; in this
+    process with no limit, like ``decode_video``."""
+    return _decode_here(SKELETON, upload, Geometry.of(cfg, meta))
+
+
+def _decode_here(kind: str, upload: Upload, geometry: Geometry) -> tuple[torch.Tensor, dict[str, Any]]:
+    suffix = check_media_type(upload, MEDIA_TYPES[kind])
+    upload.file.seek(0)
+    array, inputs = decode(kind, upload.file, suffix, upload.filename, upload.field, geometry)
+    return torch.from_numpy(array), inputs
 
 
 @dataclass
@@ -155,6 +109,12 @@ class ModelCache:
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+
+    def evict(self, model_id: str) -> None:
+        """Forget a model (it was deleted): drop it from memory and its local checkpoint copy."""
+        with self._lock:
+            self._models.pop(model_id, None)
+        shutil.rmtree(self.cache_dir / model_id, ignore_errors=True)
 
     def get(self, model_id: str, artifact_prefix: str) -> tuple[LoadedModel, bool]:
         """The loaded model and whether it had to be loaded now."""
@@ -178,34 +138,33 @@ class ModelCache:
             return loaded, True
 
 
-# Decoding and inference are CPU-bound: more of them at once than there are cores only adds
-# thread switching, so requests beyond that wait here (queueing, not failing).
-_COMPUTE = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+def classify(loaded: LoadedModel, video: Upload | None, skeleton: Upload | None, top_k: int,
+             decoders: DecoderPool) -> dict[str, Any]:
+    """Top-k classes of one clip; at least the modalities the model's arch uses.
 
-
-def classify(loaded: LoadedModel, video: Upload | None, skeleton: Upload | None, top_k: int = 5) -> dict[str, Any]:
-    """Top-k classes of one clip; at least the modalities the model's arch uses."""
-    with _COMPUTE:
-        return _classify(loaded, video, skeleton, top_k)
-
-
-def _classify(loaded: LoadedModel, video: Upload | None, skeleton: Upload | None, top_k: int) -> dict[str, Any]:
+    Both media types are checked before anything is decoded. The uploads then go to the
+    decoder pool one after the other: a request holds at most one decoder, so requests
+    cannot deadlock waiting for each other's, and with one decoder per core concurrent
+    requests already keep every core busy (the forward pass runs here). How many requests
+    get here at once is bounded by the API's admission control (``service.middleware``).
+    """
     cfg, meta = loaded.cfg, loaded.meta
     needs_video, needs_skeleton = cfg.arch in ("fusion", "rgb"), cfg.arch in ("fusion", "skeleton")
     if needs_video and video is None:
         raise UploadError("video", f"a {cfg.arch} model needs the RGB clip (.avi or .mp4)")
     if needs_skeleton and skeleton is None:
         raise UploadError("skeleton", f"a {cfg.arch} model needs the skeleton (.skeleton or .npy)")
+    uploads = [(kind, upload, check_media_type(upload, MEDIA_TYPES[kind]))
+               for kind, upload in ((VIDEO, video), (SKELETON, skeleton)) if upload is not None]
+    geometry = Geometry.of(cfg, meta)
     t0 = time.perf_counter()
+    decoded: dict[str, torch.Tensor] = {}
     inputs: dict[str, Any] = {}
-    if video is not None:
-        rgb, inputs["video"] = decode_video(video, cfg)
-    else:
-        rgb = torch.zeros(3, cfg.rgb_frames, cfg.rgb_size, cfg.rgb_size)
-    if skeleton is not None:
-        skel, inputs["skeleton"] = decode_skeleton(skeleton, cfg, meta)
-    else:
-        skel = torch.zeros(3, cfg.skel_frames, cfg.joints, cfg.persons)
+    for kind, upload, suffix in uploads:
+        array, inputs[kind] = decoders.decode(kind, upload.file, suffix, upload.filename, upload.field, geometry)
+        decoded[kind] = torch.from_numpy(array)
+    rgb = decoded.get(VIDEO, torch.zeros(geometry.shape(VIDEO)))
+    skel = decoded.get(SKELETON, torch.zeros(geometry.shape(SKELETON)))
     t1 = time.perf_counter()
     with torch.inference_mode():
         logits = loaded.model(rgb[None].to(loaded.device), skel[None].to(loaded.device)).logits[0]

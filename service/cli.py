@@ -17,6 +17,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train, attack and compare RGB + skeleton action-recognition models (AMR and baselines).")
 data_app = typer.Typer(no_args_is_help=True, help="Write a synthetic NTU-format dataset, or decode a dataset into a training cache.")
 app.add_typer(data_app, name="data")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service: create, list, revoke (works on the "
+                                                  "service's database directly; ROBUSTACT_* settings apply).")
+app.add_typer(keys_app, name="keys")
 
 
 def _fail(message: str) -> None:
@@ -238,8 +241,9 @@ def evaluate(
             raise ConfigError("eps", f"expected comma-separated numbers, got {eps!r}") from None
         if split not in ("train", "test"):
             raise ConfigError("split", "must be train or test")
-        suite = build_suite(_csv(attacks), _csv(modes), eps_list, alpha, restarts=restarts)
-        strategy = default_strategy(_csv(attacks)) if worst_case_only is None else (
+        specs = [a.lower() for a in _csv(attacks)]  # the CLI forgives case (PGD20); the API is strict
+        suite = build_suite(specs, _csv(modes), eps_list, alpha, restarts=restarts)
+        strategy = default_strategy(specs) if worst_case_only is None else (
             "worst-case" if worst_case_only else "full")
         net, meta = load_checkpoint(model)
         check_suite(suite, len(meta["class_names"]))
@@ -313,6 +317,92 @@ def worker_command(
     from service.runner import run_worker
 
     run_worker(data_dir=data_dir)
+
+
+DataDirOption = Annotated[Path, typer.Option(help="Data directory of the service (embedded defaults; ROBUSTACT_* "
+                                                  "URLs override its parts).")]
+
+
+@contextmanager
+def _key_session(data_dir: Path):
+    from service.db import make_engine, make_sessionmaker, migrate
+    from service.runner import _settings
+
+    settings = _settings(data_dir)
+    try:
+        migrate(settings.database_url)
+        engine = make_engine(settings.database_url)
+    except Exception as e:  # an unreachable database: one line, not a traceback
+        _fail(f"cannot open the database {settings.database_url.split('@')[-1]}: {type(e).__name__}: {e}")
+    try:
+        with make_sessionmaker(engine)() as session:
+            yield session, settings
+    finally:
+        engine.dispose()
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who or what uses the key.")],
+    admin: Annotated[bool, typer.Option("--admin", help="An admin key: sees every row, manages keys and datasets.")] = False,
+    max_active_jobs: Annotated[Optional[int], typer.Option(min=0, help="Quota of queued + running jobs (default: the service's).")] = None,
+    max_active_sweeps: Annotated[Optional[int], typer.Option(min=0, help="Quota of active sweeps (default: the service's).")] = None,
+    data_dir: DataDirOption = Path("./var"),
+):
+    """Create a key and print it once (only its hash is stored)."""
+    from service.auth import create_key
+
+    if not name.strip() or len(name) > 200:
+        _fail("--name: give 1 to 200 characters")
+    with _key_session(data_dir) as (session, _):
+        row, key = create_key(session, name.strip(), admin=admin, max_active_jobs=max_active_jobs,
+                              max_active_sweeps=max_active_sweeps)
+    typer.secho(f"created {'admin ' if admin else ''}key {row.id} ({row.name}); it is shown only now:", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    all_keys: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
+    data_dir: DataDirOption = Path("./var"),
+):
+    """List keys: id, prefix, name, admin, quotas, created, revoked."""
+    from sqlalchemy import select
+
+    from service.db import ApiKey
+
+    with _key_session(data_dir) as (session, settings):
+        query = select(ApiKey).order_by(ApiKey.created_at)
+        if not all_keys:
+            query = query.where(ApiKey.revoked_at.is_(None))
+        rows = session.scalars(query).all()
+        typer.echo(f"{'id':32}  {'prefix':10}  {'admin':5}  {'jobs':>5}  {'sweeps':>6}  {'created':19}  "
+                   f"{'revoked':19}  name")
+        for r in rows:
+            jobs = r.max_active_jobs if r.max_active_jobs is not None else settings.max_active_jobs
+            sweeps = r.max_active_sweeps if r.max_active_sweeps is not None else settings.max_active_sweeps
+            revoked = r.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if r.revoked_at else "-"
+            typer.echo(f"{r.id:32}  {r.prefix:10}  {'yes' if r.admin else 'no':5}  {jobs:>5}  {sweeps:>6}  "
+                       f"{r.created_at.strftime('%Y-%m-%d %H:%M:%S'):19}  {revoked:19}  {r.name}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="Id of the key (see `robustact keys list`).")],
+    data_dir: DataDirOption = Path("./var"),
+):
+    """Revoke a key: requests with it answer 401 from now on; its rows stay."""
+    from service.auth import revoke
+    from service.db import ApiKey
+
+    with _key_session(data_dir) as (session, _):
+        row = session.get(ApiKey, key_id)
+        if row is None:
+            _fail(f"no key {key_id!r} (see `robustact keys list`)")
+        if row.revoked_at is not None:
+            _fail(f"key {key_id!r} was revoked already")
+        revoke(session, row)
+    typer.echo(f"revoked key {key_id} ({row.name})")
 
 
 @app.command()

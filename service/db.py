@@ -1,4 +1,4 @@
-"""Tables (datasets, job groups, jobs, models, reports), engine and sessions. SQLite and Postgres share
+"""Tables (API keys, datasets, job groups, jobs, models, reports, shares), engine and sessions. SQLite and Postgres share
 this one code path; the schema itself is created by the Alembic migrations in
 ``migrations/`` (``migrate()``), never by ``create_all``.
 
@@ -50,6 +50,46 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
+class ApiKey(Base):
+    """A caller of the API. Only the SHA-256 of the key is stored (keys are 256 random bits,
+    so a fast hash is enough); ``prefix`` is its first characters, for people to tell keys
+    apart. Every other row's ``owner_id`` is the key that created it. Keys are revoked, never
+    deleted, so ownership stays on record."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Quotas; None means the service's default (settings).
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_active_sweeps: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # Written by every job or sweep submission of the key before it counts its active work:
+    # the row lock serialises one key's submissions, so a quota cannot be overrun by a race.
+    submitted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+def _owner() -> Mapped[str | None]:
+    return mapped_column(ForeignKey("api_keys.id"), index=True)
+
+
+class Share(Base):
+    """Read-only access to a dataset or a model for another key (``grantee_id``), or for
+    every key (``grantee_id`` NULL)."""
+
+    __tablename__ = "shares"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(10))  # dataset | model
+    object_id: Mapped[str] = mapped_column(String(32), index=True)
+    grantee_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
 
@@ -61,6 +101,7 @@ class Dataset(Base):
     # {"class_names": [...], "num_samples": n, "splits": {"xsub": {"train": n, "test": n}, ...}}
     info: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    owner_id: Mapped[str | None] = _owner()  # the API key that created it (NULL: before keys existed)
 
 
 class JobGroup(Base):
@@ -74,6 +115,7 @@ class JobGroup(Base):
     # {"preset": name or null, "base": {...}, "grid": {field: [values]}, "combinations": [{field: value}, ...]}
     grid: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    owner_id: Mapped[str | None] = _owner()  # the API key that created it (NULL: before keys existed)
 
 
 class Job(Base):
@@ -91,6 +133,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    owner_id: Mapped[str | None] = _owner()  # the API key that created it (NULL: before keys existed)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
@@ -109,6 +152,7 @@ class Model(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     artifact_prefix: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    owner_id: Mapped[str | None] = _owner()  # the API key that created it (NULL: before keys existed)
 
 
 class Report(Base):
@@ -121,6 +165,7 @@ class Report(Base):
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), index=True)
     artifact_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    owner_id: Mapped[str | None] = _owner()  # the API key that created it (NULL: before keys existed)
 
 
 def make_engine(url: str) -> Engine:

@@ -1,7 +1,8 @@
 """Process entry points behind ``robustact serve`` and ``robustact worker``.
 
 ``serve`` is the embedded, no-servers setup of ``make run``: it migrates the database,
-makes a small synthetic dataset available (first start only), starts one real Celery
+creates an admin API key if there is no key at all (written to ``DATA_DIR/admin.key``, mode
+0600), makes a small synthetic dataset available to every key (first start only), starts one real Celery
 worker subprocess on the configured broker (by default kombu's SQLAlchemy transport on a
 SQLite file under ``data_dir``), runs the API with uvicorn, and stops the worker on exit.
 """
@@ -37,12 +38,33 @@ def _settings(data_dir: str | Path | None) -> Settings:
     return settings
 
 
+def ensure_admin_key(settings: Settings) -> Path | None:
+    """Create the first admin key when the database has no key at all; it goes to
+    ``DATA_DIR/admin.key`` (mode 0600). Returns that path when a key was made."""
+    from service.auth import ensure_admin_key as ensure
+
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            path = ensure(session, settings.data_dir)
+    finally:
+        engine.dispose()
+    if path is not None:
+        log.warning("created an admin API key and wrote it to %s (readable by you only). Use it as "
+                    "'Authorization: Bearer KEY', e.g. curl -H \"Authorization: Bearer $(cat %s)\" ...; "
+                    "make more keys with `robustact keys create`", path, path)
+    return path
+
+
 def ensure_seed_dataset(settings: Settings) -> str | None:
-    """Synthesize ``synthetic-small`` under ``data_dir/datasets`` and register it, unless a
-    dataset of that name exists. With an s3:// store the files are uploaded there too, so
-    workers on other hosts can read them. Returns the dataset id (None if it existed)."""
+    """Synthesize ``synthetic-small`` under ``data_dir/datasets`` and register it (owned by
+    the first admin key, shared read-only with every key), unless a dataset of that name
+    exists. With an s3:// store the files are uploaded there too, so workers on other hosts
+    can read them. Returns the dataset id (None if it existed)."""
     from models.data.synth import synthesize
     from service.api.datasets import register_dataset
+    from service.auth import active_admins
+    from service.db import Share
     from service.schemas import DatasetCreate
     from service.store import FileStore, open_store
 
@@ -50,7 +72,12 @@ def ensure_seed_dataset(settings: Settings) -> str | None:
     try:
         sessions = make_sessionmaker(engine)
         with sessions() as session:
-            if session.scalar(select(Dataset.id).where(Dataset.name == SEED_DATASET)):
+            existing = session.scalar(select(Dataset.id).where(Dataset.name == SEED_DATASET))
+            if existing:
+                if session.scalar(select(Share.id).where(Share.object_id == existing, Share.grantee_id.is_(None))) \
+                        is None:  # registered before keys existed: give every key access, as now
+                    session.add(Share(kind="dataset", object_id=existing, grantee_id=None))
+                    session.commit()
                 return None
             root = settings.data_dir / "datasets" / SEED_DATASET
             if not (root / "classes.txt").is_file():
@@ -61,8 +88,12 @@ def ensure_seed_dataset(settings: Settings) -> str | None:
             if not isinstance(store, FileStore):
                 store.put_dir(f"datasets/{SEED_DATASET}", root)
                 location = f"{store.url}/datasets/{SEED_DATASET}"
+            admins = active_admins(session)
             row = register_dataset(session, DatasetCreate(name=SEED_DATASET, format="synthetic", location=location,
-                                                          protocol="xsub"), settings)
+                                                          protocol="xsub"), settings,
+                                   owner_id=admins[0].id if admins else None)
+            session.add(Share(kind="dataset", object_id=row.id, grantee_id=None))
+            session.commit()
             log.info("registered dataset %s (%s) at %s", SEED_DATASET, row.id, location)
             return row.id
     finally:
@@ -124,6 +155,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str | Path | None
     settings = _settings(data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.database_url)
+    ensure_admin_key(settings)
     if settings.seed_dataset:
         ensure_seed_dataset(settings)
     worker = start_worker(settings) if with_worker else None

@@ -7,11 +7,15 @@ means 8/255); accuracies are percentages.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from models.config import ARCHES, DEFENCES, MODES, PRESETS
+from models.config import ARCHES, DEFENCES, MAX_QUERIES, MAX_STEPS, MODES, PRESETS
+from models.evaluate import ATTACK_SPEC_MAX_LENGTH, ATTACK_SPEC_PATTERN, expand_attacks
 
 Defence = Literal[DEFENCES]  # type: ignore[valid-type]
 Arch = Literal[ARCHES]  # type: ignore[valid-type]
@@ -25,6 +29,80 @@ Eps255 = Annotated[float, Field(ge=0, le=255, description="L-inf budget in 1/255
 # 40-digit offset was a 500: OverflowError in the SQLite driver).
 MAX_OFFSET = 2**31 - 1
 
+# Bounds of a request (issue 8): what one call may ask of the workers and the database. An
+# attack's iterations and queries are bounded by the engine (models.config.MAX_STEPS,
+# MAX_QUERIES), so the CLI refuses the same.
+MAX_ID_LENGTH = 200  # ids and names
+MAX_LOCATION_LENGTH = 1024  # a dataset directory or s3:// URL (an S3 key stops at 1024 bytes)
+MAX_ATTACKS = 16  # attack strings of one evaluation
+MAX_BUDGETS = 16  # ε values of one evaluation
+MAX_SUITE = 64  # attack configs of one evaluation: attacks (presets expanded) × modes × ε
+MAX_SEED = 2**31 - 1  # int32: every RNG takes it, and so does any database column
+MAX_SAMPLES = 10**7  # a class-balanced subset; NTU RGB+D 120 has 114,480 clips
+MAX_LAMBDA = 1000.0
+MAX_COMPARE = 64  # reports in one comparison (stored and inline together)
+MAX_GRID_FIELDS = 16
+MAX_GRID_VALUES = 64  # values of one grid field (their product is bounded by MAX_SWEEP_JOBS)
+MAX_BASE_FIELDS = 64  # a job body has about 20
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="random seed (int32)")]
+AttackSpec = Annotated[str, Field(
+    pattern=ATTACK_SPEC_PATTERN, max_length=ATTACK_SPEC_MAX_LENGTH,
+    description=f"fgsm, pgdK, cwK, apgd-ceK, apgd-dlrK (K ≤ {MAX_STEPS} iterations), squareK (K ≤ {MAX_QUERIES} "
+                "queries), K optional, or autoattack", examples=["pgd20"])]
+
+
+def _unique(values: list) -> list:
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"values must be unique; repeated: {', '.join(repeated)}")
+    return values
+
+
+Unique = AfterValidator(_unique)
+
+
+def _error_at(model: str, loc: tuple, kind: str, message: str, value: Any) -> ValidationError:
+    """A validation error located at ``loc``, for a check that spans several fields (a
+    ValueError raised by a model validator would name no field)."""
+    return ValidationError.from_exception_data(model, [InitErrorDetails(
+        type=PydanticCustomError(kind, message.replace("{", "(").replace("}", ")")), loc=loc, input=value)])
+
+
+def _first_non_finite(data: Any) -> tuple[tuple, float] | None:
+    """Location and value of the first NaN or ±Infinity in a JSON-like value, in document order."""
+    stack: list[tuple[tuple, Any]] = [((), data)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return loc, value
+        if isinstance(value, dict):
+            stack.extend(((*loc, k), v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend(((*loc, i), v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+class RequestBody(BaseModel):
+    """A request body: no NaN or ±Infinity anywhere in it. Python's JSON parser reads the
+    NaN / Infinity tokens that strict JSON does not have; they are refused before any field
+    is validated, because an error that echoed such a number back could not be written as
+    JSON (the 422 would become a 500)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, data: Any) -> Any:
+        found = _first_non_finite(data)
+        if found is not None:
+            loc, value = found
+            token = json.dumps(value)
+            raise _error_at(cls.__name__, loc, "finite_number", f"Input should be a finite number, not {token}",
+                            token)
+        return data
+
 
 class Links(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -35,13 +113,14 @@ class Links(BaseModel):
 # --------------------------------------------------------------------------- datasets
 
 
-class DatasetCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+class DatasetCreate(RequestBody):
+    name: str = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       examples=["ntu60-xsub"])
     format: Literal["ntu60", "synthetic"] = Field(
         description="ntu60: the NTU RGB+D 60 release layout; synthetic: a dataset written by "
                     "`robustact data synth` (same layout plus classes.txt)")
-    location: str = Field(min_length=1, description="a directory path the workers can read, or s3://bucket/prefix",
+    location: str = Field(min_length=1, max_length=MAX_LOCATION_LENGTH,
+                          description="a directory path the workers can read, or s3://bucket/prefix",
                           examples=["/data/ntu60", "s3://datasets/ntu60"])
     protocol: Protocol = Field("xsub", description="train/test split used by jobs on this dataset")
 
@@ -55,7 +134,9 @@ class DatasetPublic(BaseModel):
     id: str
     name: str
     format: str
-    location: str
+    location: str | None = Field(description="where the files are (shown to admin keys only)")
+    owner_id: str | None
+    shared: bool = Field(False, description="shared with this key read-only (not its own)")
     protocol: str
     num_classes: int
     class_names: list[str]
@@ -68,55 +149,67 @@ class DatasetPublic(BaseModel):
 
 class DatasetList(BaseModel):
     items: list[DatasetPublic]
+    total: int
+    limit: int
+    offset: int
 
 
 # --------------------------------------------------------------------------- jobs
 
 
-class AttackRecipe(BaseModel):
+class AttackRecipe(RequestBody):
     """The inner maximisation of adversarial training (multimodal PGD by default)."""
 
     name: Literal["pgd", "fgsm", "cw"] = "pgd"
-    steps: int = Field(10, ge=1, le=1000)
+    steps: int = Field(10, ge=1, le=MAX_STEPS)
     eps: Eps255 = 8.0
     alpha: float = Field(2.0, gt=0, le=255, description="step size in 1/255 units")
     random_start: bool = True
 
 
-class TrainJobCreate(BaseModel):
+class TrainJobCreate(RequestBody):
     kind: Literal["train"]
-    dataset_id: str = Field(description="id or name of the dataset")
-    name: str | None = Field(None, max_length=200, description="name of the model (default: defence-jobid)")
+    dataset_id: Id = Field(description="id or name of the dataset")
+    name: str | None = Field(None, max_length=MAX_ID_LENGTH, description="name of the model (default: defence-jobid)")
     defence: Defence = "amr"
     arch: Arch = "fusion"
     num_amr: int | None = Field(None, ge=0, le=3, description="AMR modules; default 3 for amr, else 0")
-    lam: float = Field(1.0, ge=0, description="λ, weight of the AMR loss (eq. 12)")
+    lam: float = Field(1.0, ge=0, le=MAX_LAMBDA, description="λ, weight of the AMR loss (eq. 12)")
     preset: Preset = "tiny"
     epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(16, ge=1, le=1024)
     lr: float = Field(0.01, gt=0, le=10)
     attack: AttackRecipe = AttackRecipe()
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     protocol: Protocol | None = Field(None, description="default: the dataset's protocol")
-    max_samples: int | None = Field(None, ge=1, description="train on a class-balanced subset of this size")
+    max_samples: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="train on a class-balanced subset of "
+                                                                            "this size")
 
 
-class EvaluateJobCreate(BaseModel):
+class EvaluateJobCreate(RequestBody):
+    """An attack suite (``attacks`` × ``modes`` × ``eps``, at most MAX_SUITE configs) run
+    on a model."""
+
     kind: Literal["evaluate"]
-    model_id: str
-    dataset_id: str | None = Field(None, description="id or name; default: the dataset the model was trained on")
+    model_id: Id
+    dataset_id: Id | None = Field(None, description="id or name; default: the dataset the model was trained on")
     split: Literal["train", "test"] = "test"
     protocol: Protocol | None = None
-    attacks: list[str] = Field(["fgsm", "pgd20"], min_length=1,
-                               description="fgsm, pgdK, cwK, apgd-ce[K], apgd-dlr[K], square[K] (K = iterations; "
-                                           "queries for square), or autoattack (= apgd-ce, apgd-dlr, square)")
-    modes: list[Mode] = Field(list(MODES), min_length=1)
-    eps: list[Eps255] = Field([8.0], min_length=1)
+    attacks: Annotated[list[AttackSpec], Unique] = Field(
+        ["fgsm", "pgd20"], min_length=1, max_length=MAX_ATTACKS, json_schema_extra={"uniqueItems": True},
+        description=f"fgsm, pgdK, cwK, apgd-ce[K], apgd-dlr[K], square[K] (K = iterations, at most {MAX_STEPS}; "
+                    f"queries for square, at most {MAX_QUERIES}), or autoattack (= apgd-ce, apgd-dlr, square). "
+                    f"Attacks (autoattack counting 3) × modes × eps is at most {MAX_SUITE}")
+    modes: Annotated[list[Mode], Unique] = Field(list(MODES), min_length=1, max_length=len(MODES),
+                                                 json_schema_extra={"uniqueItems": True})
+    eps: Annotated[list[Eps255], Unique] = Field([8.0], min_length=1, max_length=MAX_BUDGETS,
+                                                 json_schema_extra={"uniqueItems": True})
     alpha: float = Field(2.0, gt=0, le=255, description="PGD/CW step size in 1/255 units")
     random_start: bool = True
     batch_size: int = Field(16, ge=1, le=1024)
-    seed: int = Field(0, ge=0)
-    max_samples: int | None = Field(None, ge=1, description="evaluate a class-balanced subset of this size")
+    seed: Seed = 0
+    max_samples: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="evaluate a class-balanced subset of "
+                                                                            "this size")
     restarts: int = Field(1, ge=1, le=100, description="restarts of every randomised attack (the worst per clip is "
                                                         "kept)")
     strategy: Literal["full", "worst-case"] | None = Field(
@@ -124,6 +217,17 @@ class EvaluateJobCreate(BaseModel):
                           "budget and mode, cheapest attack first on the clips still standing (same worst case, "
                           "cheaper). Default: worst-case for autoattack, full otherwise")
     diagnostics: bool = Field(True, description="gradient-masking checks (zero gradients, unbounded attack, ...)")
+
+    @model_validator(mode="after")
+    def _suite_size(self) -> "EvaluateJobCreate":
+        attacks = len(expand_attacks(self.attacks))
+        size = attacks * len(self.modes) * len(self.eps)
+        if size > MAX_SUITE:
+            raise _error_at(type(self).__name__, ("attacks",), "value_error",
+                            f"the suite would have {size} attack configs ({attacks} attacks, autoattack counting "
+                            f"3, × {len(self.modes)} modes × {len(self.eps)} eps); at most {MAX_SUITE} per "
+                            "evaluation", self.attacks)
+        return self
 
 
 JobCreate = Annotated[TrainJobCreate | EvaluateJobCreate, Field(discriminator="kind")]
@@ -174,23 +278,26 @@ SweepStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "
 SWEEP_PRESETS = ("table4", "table5")
 
 
-class SweepCreate(BaseModel):
+class SweepCreate(RequestBody):
     """One request for a set of jobs: ``base`` (a job body without ``kind``) with every
     combination of the ``grid`` values (and of the preset's rows) laid over it."""
 
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["train", "evaluate"]
-    name: str | None = Field(None, max_length=200, description="name of the sweep (default: preset or kind-grid)")
+    name: str | None = Field(None, max_length=MAX_ID_LENGTH,
+                             description="name of the sweep (default: preset or kind-grid)")
     preset: Literal[SWEEP_PRESETS] | None = Field(  # type: ignore[valid-type]
         None, description="table4: at-rs with 0 AMRs, amr with 1, 2, 3 AMRs (the paper's Table 4); "
                           "table5: amr, 1 AMR, λ ∈ {0.1, 0.5, 1, 2, 5} (Table 5). Train sweeps only; "
                           "crossed with ``grid`` when both are given")
-    base: dict[str, Any] = Field(description="the fields shared by every job: a train or evaluate job body "
+    base: dict[str, Any] = Field(max_length=MAX_BASE_FIELDS,
+                                 description="the fields shared by every job: a train or evaluate job body "
                                              "(``kind`` may be left out)")
-    grid: dict[str, list[Any]] = Field({}, description="job field → values; the sweep is their cartesian "
-                                                        "product, e.g. {\"lam\": [0.5, 1], \"seed\": [0, 1]} or "
-                                                        "{\"eps\": [[2], [4], [8]]}")
+    grid: dict[str, Annotated[list[Any], Field(max_length=MAX_GRID_VALUES)]] = Field(
+        {}, max_length=MAX_GRID_FIELDS, description="job field → values; the sweep is their cartesian product, e.g. "
+                                                    "{\"lam\": [0.5, 1], \"seed\": [0, 1]} or "
+                                                    "{\"eps\": [[2], [4], [8]]}")
 
 
 class SweepCounts(BaseModel):
@@ -244,6 +351,8 @@ class ModelPublic(BaseModel):
     job_id: str | None
     dataset_id: str | None
     created_at: dt.datetime
+    owner_id: str | None
+    shared: bool = Field(False, description="shared with this key read-only (not its own)")
     preset: str | None
     arch: str
     defence: str | None
@@ -258,6 +367,9 @@ class ModelPublic(BaseModel):
 
 class ModelList(BaseModel):
     items: list[ModelPublic]
+    total: int
+    limit: int
+    offset: int
 
 
 class ClassPrediction(BaseModel):
@@ -290,17 +402,35 @@ class ReportPublic(BaseModel):
     model_id: str | None
     dataset_id: str | None
     created_at: dt.datetime
+    owner_id: str | None
     links: Links
 
 
 class ReportList(BaseModel):
     items: list[ReportPublic]
+    total: int
+    limit: int
+    offset: int
 
 
-class CompareRequest(BaseModel):
-    report_ids: list[str] = Field([], description="ids of stored reports")
-    reports: list[dict[str, Any]] = Field([], description="report documents (robustact.report/v1), e.g. from the CLI")
-    baseline: str | None = Field(None, description="id of the baseline report, or the model name of an inline one; "
-                                                   "default: the first")
-    attack: str = Field("PGD20", description="attack label of the table: PGD20, FGSM, CW30, ...")
+class CompareRequest(RequestBody):
+    """At most MAX_COMPARE reports, stored and inline together."""
+
+    report_ids: list[Id] = Field([], max_length=MAX_COMPARE, description="ids of stored reports")
+    reports: list[dict[str, Any]] = Field([], max_length=MAX_COMPARE,
+                                          description="report documents (robustact.report/v1), e.g. from the CLI")
+    baseline: str | None = Field(None, max_length=MAX_ID_LENGTH,
+                                 description="id of the baseline report, or the model name of an inline one; "
+                                             "default: the first")
+    attack: str = Field("PGD20", min_length=1, max_length=64,
+                        description="attack label of the table: PGD20, FGSM, CW30, ...")
     eps: float | None = Field(None, ge=0, le=255, description="budget in 1/255 units, when a report has several")
+
+    @model_validator(mode="after")
+    def _total(self) -> "CompareRequest":
+        total = len(self.report_ids) + len(self.reports)
+        if total > MAX_COMPARE:
+            raise _error_at(type(self).__name__, ("reports",), "value_error",
+                            f"{total} reports ({len(self.report_ids)} report_ids + {len(self.reports)} reports); "
+                            f"at most {MAX_COMPARE} in one comparison", len(self.reports))
+        return self

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     broker_url: str = ""
     # Largest accepted classify upload (whole request), in MiB.
     max_upload_mb: float = 64.0
+    # Largest body of any other request (JSON: jobs, sweeps, comparisons with inline reports),
+    # in MiB: a JSON body is parsed whole in memory before its fields are checked.
+    max_body_mb: float = 4.0
     # Torch device for workers and classify: "auto" (CUDA when present), "cpu", "cuda:1", ...
     device: str = "auto"
     # Intra-op torch threads (0: torch's default, one per core). The API serves requests in
@@ -47,8 +50,37 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     # Model downloads redirect to a presigned URL (S3 only) instead of streaming.
     presign_downloads: bool = False
+    # --- access (issue 8)
+    # Where datasets may be registered from: comma-separated directories and s3://bucket/prefix
+    # roots. Default: DATA_DIR/datasets and STORE_URL/datasets (where the seed dataset goes).
+    dataset_roots: str = ""
+    # Quotas of a key that has none of its own: queued + running jobs outside sweeps, and
+    # sweeps with a queued or running job.
+    max_active_jobs: int = 16
+    max_active_sweeps: int = 4
+    # Retry-After (seconds) of a 429 (quota) and of a 503 (classify admission).
+    quota_retry_after_s: int = 30
+    busy_retry_after_s: int = 1
+    # Classify admission: decodes + forward passes at once (0: one per CPU core), and how many
+    # more requests may wait for a slot; beyond that a 503 at once.
+    classify_concurrency: int = 0
+    classify_queue: int = 16
     # Synthesize and register a small dataset on first start of `robustact serve`.
     seed_dataset: bool = True
+    # --- classify uploads (issue 8): decoded in child processes, within these bounds.
+    # Frames a skeleton may declare or hold (NTU's longest clip has about 300).
+    max_skeleton_frames: int = 10000
+    # A video is refused from its header, or when decoding passes a limit (headers can lie).
+    max_video_frames: int = 10000
+    max_video_seconds: float = 600.0
+    max_video_width: int = 4096
+    max_video_height: int = 4096
+    # Wall-clock time one upload may take to decode; a late decoder is killed (seconds).
+    decode_timeout_s: float = 30.0
+    # Address space a decoder may use above what it holds after importing torch and PyAV (MiB).
+    decode_memory_mb: int = 1024
+    # Decoder processes (0: one per CPU core); each decodes one upload at a time.
+    decode_workers: int = 0
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":
@@ -67,6 +99,10 @@ class Settings(BaseSettings):
         return int(self.max_upload_mb * 1024 * 1024)
 
     @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
     def cache_dir(self) -> Path:
         """Local caches: decoded datasets, downloaded checkpoints, worker scratch space."""
         return self.data_dir / "cache"
@@ -79,3 +115,25 @@ class Settings(BaseSettings):
                 continue
             env[f"ROBUSTACT_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
+
+    def dataset_root_list(self) -> list[str]:
+        """The configured dataset roots: absolute directories (resolved, symlinks followed)
+        and ``s3://bucket/prefix`` URLs without a trailing slash."""
+        raw = [r.strip() for r in self.dataset_roots.split(",") if r.strip()]
+        if not raw:
+            raw = [str(self.data_dir / "datasets")]
+            if self.store_url.startswith("s3://"):
+                raw.append(self.store_url.rstrip("/") + "/datasets")
+        roots = []
+        for root in raw:
+            if root.startswith("s3://"):
+                roots.append(root.rstrip("/"))
+            else:
+                roots.append(str(Path(root.removeprefix("file://")).expanduser().resolve()))
+        return roots
+
+    @property
+    def classify_slots(self) -> int:
+        import os
+
+        return self.classify_concurrency if self.classify_concurrency > 0 else max(1, os.cpu_count() or 1)

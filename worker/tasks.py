@@ -320,7 +320,7 @@ def _train_body(ctx: Context, job: Job, run: JobRun, session: Session) -> None:
 
     local = work / MODEL_DIR
     model = add_model(session, ctx.store, local, name=params.get("name") or f"{train_cfg.defence}-{job.id[:8]}",
-                      job_id=job.id, dataset_id=dataset.id)
+                      job_id=job.id, dataset_id=dataset.id, owner_id=job.owner_id)
     _succeed_with(session, job.id, run.attempt, progress={"phase": "done", **summary["history"][-1]}
                   if summary["history"] else None, cleanup=lambda: ctx.store.delete_prefix(model.artifact_prefix))
     pointer = _read_pointer(ctx.store, job.id)  # the epoch checkpoint is not needed any more
@@ -330,14 +330,15 @@ def _train_body(ctx: Context, job: Job, run: JobRun, session: Session) -> None:
 
 
 def add_model(session: Session, store: Store, checkpoint_dir: Path, name: str, job_id: str | None = None,
-              dataset_id: str | None = None) -> Model:
+              dataset_id: str | None = None, owner_id: str | None = None) -> Model:
     """Upload a checkpoint directory completely, then add (not commit) its ``models`` row:
     a model row never points at a partial upload."""
     model_id = new_id()
     prefix = f"models/{model_id}"
     store.put_dir(prefix, checkpoint_dir)
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    model = Model(id=model_id, name=name, job_id=job_id, dataset_id=dataset_id, config=config, artifact_prefix=prefix)
+    model = Model(id=model_id, name=name, job_id=job_id, dataset_id=dataset_id, config=config, artifact_prefix=prefix,
+                  owner_id=owner_id)
     session.add(model)
     return model
 
@@ -403,7 +404,7 @@ def _evaluate_body(ctx: Context, job: Job, run: JobRun, session: Session) -> Non
         ctx.store.delete(records_key)
 
     session.add(Report(id=report_id, name=model_row.name, job_id=job.id, model_id=model_row.id,
-                       dataset_id=dataset.id, artifact_key=key))
+                       dataset_id=dataset.id, artifact_key=key, owner_id=job.owner_id))
     _succeed_with(session, job.id, run.attempt,
                   progress={"phase": "done", "clean_accuracy": report["clean"]["accuracy"],
                             "worst_case": [w["overall"]["accuracy"] for w in report["worst_case"]],

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Iterator, NoReturn
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
@@ -41,14 +41,3 @@ def invalid(field: str | tuple[str, ...], message: str, value: Any = None, where
     """Raise the same 422 shape FastAPI uses for schema errors, naming ``field``."""
     loc = (where, *((field,) if isinstance(field, str) else field))
     raise RequestValidationError([{"type": "value_error", "loc": loc, "msg": message, "input": value}])
-
-
-def not_found(kind: str, ident: str) -> NoReturn:
-    raise HTTPException(status_code=404, detail=f"{kind} {ident!r} not found")
-
-
-def get_or_404(session: Session, table, ident: str, kind: str):
-    row = session.get(table, ident)
-    if row is None:
-        not_found(kind, ident)
-    return row

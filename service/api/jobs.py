@@ -19,9 +19,11 @@ from sqlalchemy.orm import Session
 from models.config import AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
 from models.evaluate import build_suite, check_suite, default_strategy
 from service.api.datasets import dataset_or_404
+from service.api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, invalid
+from service.auth import Caller, CallerDep, get_visible, scoped
+from service.db import FINISHED, ApiKey, Dataset, Job, JobGroup, Model, Report, new_id, utcnow
 from service.schemas import MAX_OFFSET
-from service.api.deps import CeleryDep, SessionDep, StoreDep, get_or_404, invalid, not_found
-from service.db import FINISHED, Dataset, Job, JobGroup, Model, Report, new_id, utcnow
+from service.settings import Settings
 from service.schemas import (EvaluateJobCreate, JobCreate, JobList, JobOutputs, JobPublic, JobStatus, JobTimings,
                              Links, TrainJobCreate)
 from service.store import ObjectNotFound
@@ -85,8 +87,8 @@ def _config_error(e: ConfigError) -> NoReturn:
     invalid(_CONFIG_FIELDS.get(e.field, (e.field,)), e.message)
 
 
-def _train_params(session: Session, body: TrainJobCreate) -> tuple[dict[str, Any], Dataset]:
-    dataset = dataset_or_404(session, body.dataset_id)
+def _train_params(session: Session, body: TrainJobCreate, caller: Caller) -> tuple[dict[str, Any], Dataset]:
+    dataset = dataset_or_404(session, body.dataset_id, caller)
     protocol = body.protocol or dataset.protocol
     if not dataset.info["splits"][protocol]["train"]:
         invalid("protocol", f"dataset {dataset.name!r} has no training sample under {protocol}", protocol)
@@ -109,14 +111,13 @@ def _train_params(session: Session, body: TrainJobCreate) -> tuple[dict[str, Any
     return params, dataset
 
 
-def _evaluate_params(session: Session, body: EvaluateJobCreate) -> tuple[dict[str, Any], Dataset, Model]:
-    model = session.get(Model, body.model_id)
-    if model is None:
-        not_found("model", body.model_id)
+def _evaluate_params(session: Session, body: EvaluateJobCreate,
+                     caller: Caller) -> tuple[dict[str, Any], Dataset, Model]:
+    model = get_visible(session, Model, body.model_id, caller, "model")
     dataset_id = body.dataset_id or model.dataset_id
     if dataset_id is None:
         invalid("dataset_id", f"model {model.id!r} has no training dataset on record; name one")
-    dataset = dataset_or_404(session, dataset_id)
+    dataset = dataset_or_404(session, dataset_id, caller)
     model_classes = model.config.get("class_names") or []
     if len(model_classes) != len(dataset.info["class_names"]):
         invalid("dataset_id", f"dataset {dataset.name!r} has {len(dataset.info['class_names'])} classes, model "
@@ -138,15 +139,45 @@ def _evaluate_params(session: Session, body: EvaluateJobCreate) -> tuple[dict[st
     return params, dataset, model
 
 
-def new_job(session: Session, body: TrainJobCreate | EvaluateJobCreate) -> Job:
-    """A ``queued`` row for ``body``, validated completely (422 naming the field, 404 for
-    an unknown dataset or model) but not added to the session: nothing is written."""
+def new_job(session: Session, body: TrainJobCreate | EvaluateJobCreate, caller: Caller) -> Job:
+    """A ``queued`` row of ``caller`` for ``body``, validated completely (422 naming the
+    field, 404 for a dataset or model it cannot see) but not added to the session: nothing is
+    written."""
     if isinstance(body, TrainJobCreate):
-        params, dataset = _train_params(session, body)
-        return Job(id=new_id(), kind="train", status="queued", params=params, dataset_id=dataset.id)
-    params, dataset, model = _evaluate_params(session, body)
+        params, dataset = _train_params(session, body, caller)
+        return Job(id=new_id(), kind="train", status="queued", params=params, dataset_id=dataset.id,
+                   owner_id=caller.id)
+    params, dataset, model = _evaluate_params(session, body, caller)
     return Job(id=new_id(), kind="evaluate", status="queued", params=params, dataset_id=dataset.id,
-               model_id=model.id)
+               model_id=model.id, owner_id=caller.id)
+
+
+ACTIVE = ("queued", "running")
+
+
+def check_quota(session: Session, caller: Caller, settings: Settings, jobs: int = 0, sweeps: int = 0) -> None:
+    """429 (with Retry-After) if ``jobs`` more jobs outside sweeps, or ``sweeps`` more sweeps,
+    would take ``caller`` over its quota. Writing the key's row first locks it until the
+    caller's transaction ends (row lock on Postgres, the write lock on SQLite), so two
+    concurrent submissions of one key cannot both pass on the same count."""
+    session.execute(update(ApiKey).where(ApiKey.id == caller.id).values(submitted_at=utcnow()))
+    checks = []
+    if jobs:
+        limit = caller.max_active_jobs if caller.max_active_jobs is not None else settings.max_active_jobs
+        active = session.scalar(select(func.count()).select_from(Job).where(
+            Job.owner_id == caller.id, Job.group_id.is_(None), Job.status.in_(ACTIVE)))
+        checks.append((active, jobs, limit, "queued or running jobs (outside sweeps)"))
+    if sweeps:
+        limit = caller.max_active_sweeps if caller.max_active_sweeps is not None else settings.max_active_sweeps
+        active = session.scalar(select(func.count(func.distinct(Job.group_id))).where(
+            Job.owner_id == caller.id, Job.group_id.is_not(None), Job.status.in_(ACTIVE)))
+        checks.append((active, sweeps, limit, "sweeps with queued or running jobs"))
+    for active, more, limit, what in checks:
+        if active + more > limit:
+            session.rollback()
+            raise HTTPException(status_code=429, headers={"Retry-After": str(settings.quota_retry_after_s)},
+                                detail=f"this key has {active} {what}; its quota is {limit}. Wait for some to "
+                                       "finish or cancel them (an admin can raise the quota: PATCH /v1/keys/{id})")
 
 
 def _fail_unsent(session: Session, job_ids: list[str], error: str) -> None:
@@ -182,20 +213,23 @@ def submit_jobs(session: Session, celery, jobs: list[Job], group: JobGroup | Non
     enqueue(session, celery, jobs)
 
 
-@router.post("", status_code=202, response_model=JobPublic)
-def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep, response: Response):
-    job = new_job(session, body)
+@router.post("", status_code=202, response_model=JobPublic,
+             responses={429: {"description": "the key's quota of queued + running jobs is used up"}})
+def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
+               response: Response):
+    job = new_job(session, body, caller)
+    check_quota(session, caller, settings, jobs=1)
     submit_jobs(session, celery, [job])
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job)
 
 
 @router.get("", response_model=JobList)
-def list_jobs(session: SessionDep, status: JobStatus | None = None, kind: Literal["train", "evaluate"] | None = None,
+def list_jobs(caller: CallerDep, session: SessionDep, status: JobStatus | None = None, kind: Literal["train", "evaluate"] | None = None,
               dataset_id: str | None = None, model_id: str | None = None, group_id: str | None = None,
               limit: int = Query(50, ge=1, le=500),
               offset: int = Query(0, ge=0, le=MAX_OFFSET, description="rows to skip")):
-    query = select(Job)
+    query = scoped(select(Job), Job, caller)
     for column, value in ((Job.status, status), (Job.kind, kind), (Job.dataset_id, dataset_id),
                           (Job.model_id, model_id), (Job.group_id, group_id)):
         if value is not None:
@@ -208,14 +242,14 @@ def list_jobs(session: SessionDep, status: JobStatus | None = None, kind: Litera
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, session: SessionDep):
-    return _public(session, get_or_404(session, Job, job_id, "job"))
+def get_job(job_id: str, caller: CallerDep, session: SessionDep):
+    return _public(session, get_visible(session, Job, job_id, caller, "job"))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
-def cancel_job(job_id: str, session: SessionDep):
+def cancel_job(job_id: str, caller: CallerDep, session: SessionDep):
     """A queued job is cancelled at once; a running one stops at the worker's next step."""
-    job = get_or_404(session, Job, job_id, "job")
+    job = get_visible(session, Job, job_id, caller, "job")
     if job.status in FINISHED:
         raise HTTPException(status_code=409, detail=f"job {job_id!r} already {job.status}")
     now = utcnow()
@@ -229,9 +263,12 @@ def cancel_job(job_id: str, session: SessionDep):
 
 
 @router.post("/{job_id}/retry", status_code=202, response_model=JobPublic)
-def retry_job(job_id: str, session: SessionDep, celery: CeleryDep):
-    """Queue a failed or cancelled job again; training resumes from its last epoch."""
-    job = get_or_404(session, Job, job_id, "job")
+def retry_job(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep, celery: CeleryDep):
+    """Queue a failed or cancelled job again; training resumes from its last epoch. It counts
+    against the quota of the key retrying it, like a new job."""
+    job = get_visible(session, Job, job_id, caller, "job")
+    if job.status in ("failed", "cancelled") and job.group_id is None:
+        check_quota(session, caller, settings, jobs=1)
     result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(("failed", "cancelled"))).values(
         status="queued", cancel_requested=False, error=None, finished_at=None, heartbeat_at=None))
     if result.rowcount != 1:
@@ -244,8 +281,8 @@ def retry_job(job_id: str, session: SessionDep, celery: CeleryDep):
 
 
 @router.get("/{job_id}/log", response_class=StreamingResponse)
-def get_job_log(job_id: str, session: SessionDep, store: StoreDep):
-    get_or_404(session, Job, job_id, "job")
+def get_job_log(job_id: str, caller: CallerDep, session: SessionDep, store: StoreDep):
+    get_visible(session, Job, job_id, caller, "job")
     try:
         chunks = store.stream(f"jobs/{job_id}/job.log")
     except ObjectNotFound:

@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse, Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from models.report import WORST_CASE, ReportError, compare, format_comparison, report_name, validate_report
 from models.views import attack_labels, build_views, render_html
-from service.api.deps import SessionDep, StoreDep, get_or_404, invalid
+from service.api.deps import SessionDep, StoreDep, invalid
+from service.auth import Caller, CallerDep, get_visible, require_owner, scoped
 from service.db import Report
-from service.schemas import CompareRequest, Links, ReportList, ReportPublic
+from service.schemas import MAX_OFFSET, CompareRequest, Links, ReportList, ReportPublic
 from service.store import ObjectNotFound, Store, clips_key
 
 router = APIRouter(prefix="/v1/reports", tags=["reports"])
+log = logging.getLogger("robustact.api")
 
 
 def report_public(row: Report) -> ReportPublic:
@@ -29,7 +32,8 @@ def report_public(row: Report) -> ReportPublic:
     if row.job_id:
         links["job"] = f"/v1/jobs/{row.job_id}"
     return ReportPublic(id=row.id, name=row.name, job_id=row.job_id, model_id=row.model_id,
-                        dataset_id=row.dataset_id, created_at=row.created_at, links=Links(**links))
+                        dataset_id=row.dataset_id, created_at=row.created_at, owner_id=row.owner_id,
+                        links=Links(**links))
 
 
 def report_document(store: Store, row: Report) -> bytes:
@@ -40,19 +44,30 @@ def report_document(store: Store, row: Report) -> bytes:
 
 
 @router.get("", response_model=ReportList)
-def list_reports(session: SessionDep, model_id: str | None = None, dataset_id: str | None = None):
-    query = select(Report).order_by(Report.created_at)
+def list_reports(caller: CallerDep, session: SessionDep, model_id: str | None = Query(None, max_length=64),
+                 dataset_id: str | None = Query(None, max_length=64), limit: int = Query(100, ge=1, le=500),
+                 offset: int = Query(0, ge=0, le=MAX_OFFSET, description="rows to skip")):
+    """This key's reports (admin: all), oldest first."""
+    query = scoped(select(Report), Report, caller)
     if model_id is not None:
         query = query.where(Report.model_id == model_id)
     if dataset_id is not None:
         query = query.where(Report.dataset_id == dataset_id)
-    return ReportList(items=[report_public(r) for r in session.scalars(query).all()])
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    rows = session.scalars(query.order_by(Report.created_at, Report.id).limit(limit).offset(offset)).all()
+    return ReportList(items=[report_public(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
-def _comparison(session, store: Store, ids: list[str], documents: list[dict], baseline: str | None, attack: str,
-                eps: float | None, where: str) -> dict:
+MAX_COMPARED = 64
+
+
+def _comparison(session, store: Store, caller: Caller, ids: list[str], documents: list[dict], baseline: str | None,
+                attack: str, eps: float | None, where: str) -> dict:
     """Table 2 over stored reports (by id) followed by inline documents (CLI reports)."""
-    rows = [get_or_404(session, Report, i, "report") for i in ids]
+    if len(ids) + len(documents) > MAX_COMPARED:
+        invalid("ids" if where == "query" else "report_ids", f"at most {MAX_COMPARED} reports per comparison, "
+                f"got {len(ids) + len(documents)}", where=where)
+    rows = [get_visible(session, Report, i, caller, "report") for i in ids]
     reports = [json.loads(report_document(store, r)) for r in rows]
     names = [f"{r.name} ({r.id[:8]})" for r in rows]
     for i, document in enumerate(documents):
@@ -78,7 +93,7 @@ def _comparison(session, store: Store, ids: list[str], documents: list[dict], ba
 
 
 @router.get("/compare")
-def compare_reports(session: SessionDep, store: StoreDep,
+def compare_reports(caller: CallerDep, session: SessionDep, store: StoreDep,
                     ids: list[str] = Query(..., description="report ids (repeat ids=… or comma-separate)"),
                     baseline: str | None = Query(None, description="id of the baseline report (default: the first)"),
                     attack: str = Query("PGD20", description="attack label of the table, e.g. PGD20, FGSM, CW30, "
@@ -87,17 +102,17 @@ def compare_reports(session: SessionDep, store: StoreDep,
                     format: Literal["json", "text"] = "json"):
     """Table-2 layout: ✓RS, ✗R, ✗S, ✗RS, Avg and RI against ``baseline`` for each report."""
     wanted = [i for part in ids for i in part.split(",") if i]
-    table = _comparison(session, store, wanted, [], baseline, attack, eps, where="query")
+    table = _comparison(session, store, caller, wanted, [], baseline, attack, eps, where="query")
     if format == "text":
         return Response(format_comparison(table) + "\n", media_type="text/plain; charset=utf-8")
     return table
 
 
 @router.post("/compare")
-def compare_reports_body(body: CompareRequest, session: SessionDep, store: StoreDep):
+def compare_reports_body(body: CompareRequest, caller: CallerDep, session: SessionDep, store: StoreDep):
     """The same table from a JSON body; ``reports`` may add report documents written by
     the CLI (``robustact evaluate``) to the stored ones."""
-    return _comparison(session, store, body.report_ids, body.reports, body.baseline, body.attack, body.eps,
+    return _comparison(session, store, caller, body.report_ids, body.reports, body.baseline, body.attack, body.eps,
                        where="body")
 
 
@@ -111,7 +126,7 @@ def _html(page: str) -> HTMLResponse:
 
 @router.get("/view", responses={200: {"content": {"text/html": {}},
                                       "description": "robustact.views/v1 JSON, or the HTML page"}})
-def report_views(session: SessionDep, store: StoreDep,
+def report_views(caller: CallerDep, session: SessionDep, store: StoreDep,
                  ids: list[str] = Query(..., description="report ids (repeat ids=… or comma-separate)"),
                  baseline: str | None = Query(None, description="id of the Table-2 baseline report (default: the "
                                                                 "undefended model, else the first)"),
@@ -126,7 +141,9 @@ def report_views(session: SessionDep, store: StoreDep,
     wanted = [i for part in ids for i in part.split(",") if i]
     if not wanted:
         invalid("ids", "name at least one report", where="query")
-    rows = [get_or_404(session, Report, i, "report") for i in wanted]
+    if len(wanted) > MAX_COMPARED:
+        invalid("ids", f"at most {MAX_COMPARED} reports per page, got {len(wanted)}", where="query")
+    rows = [get_visible(session, Report, i, caller, "report") for i in wanted]
     reports = [json.loads(report_document(store, r)) for r in rows]
     names = [f"{r.name} ({r.id[:8]})" for r in rows]
     base = None
@@ -154,35 +171,52 @@ def render_views(reports: list[dict], names: list[str], baseline: int | None, at
 
 
 @router.get("/{report_id}", responses={200: {"description": "the robustact.report/v2 document"}})
-def get_report(report_id: str, session: SessionDep, store: StoreDep):
+def get_report(report_id: str, caller: CallerDep, session: SessionDep, store: StoreDep):
     """The report document itself, exactly as the worker (or the CLI) wrote it."""
-    row = get_or_404(session, Report, report_id, "report")
+    row = get_visible(session, Report, report_id, caller, "report")
     return Response(report_document(store, row), media_type="application/json")
 
 
 @router.get("/{report_id}/meta", response_model=ReportPublic)
-def get_report_meta(report_id: str, session: SessionDep):
-    return report_public(get_or_404(session, Report, report_id, "report"))
+def get_report_meta(report_id: str, caller: CallerDep, session: SessionDep):
+    return report_public(get_visible(session, Report, report_id, caller, "report"))
+
+
+@router.delete("/{report_id}", status_code=204)
+def delete_report(report_id: str, caller: CallerDep, session: SessionDep, store: StoreDep):
+    """Delete a report: its row first (so nothing points at a half-deleted document), then
+    its document and per-clip records in the store. Owner or admin."""
+    row = get_visible(session, Report, report_id, caller, "report")
+    require_owner(row, caller, "report", "delete")
+    key = row.artifact_key
+    session.delete(row)
+    session.commit()
+    for stored in (key, clips_key(key)):
+        try:
+            store.delete(stored)
+        except Exception:  # the row is gone; a stray object is only wasted space
+            log.exception("report %s deleted, but not its object %s", report_id, stored)
+    return Response(status_code=204)
 
 
 @router.get("/{report_id}/html", response_class=HTMLResponse)
-def get_report_html(report_id: str, session: SessionDep, store: StoreDep):
+def get_report_html(report_id: str, caller: CallerDep, session: SessionDep, store: StoreDep):
     """One report's figures and tables as a self-contained HTML page (no scripts, inline SVG)."""
-    row = get_or_404(session, Report, report_id, "report")
+    row = get_visible(session, Report, report_id, caller, "report")
     report = json.loads(report_document(store, row))
     return _html(render_html([report], title=f"Report {row.name} ({row.id[:8]})", names=[row.name]))
 
 
 @router.get("/{report_id}/clips", responses={200: {"content": {"application/octet-stream": {}, "application/json": {}},
                                                    "description": "the per-clip records (robustact.clips/v1)"}})
-def get_report_clips(report_id: str, session: SessionDep, store: StoreDep,
+def get_report_clips(report_id: str, caller: CallerDep, session: SessionDep, store: StoreDep,
                      format: Literal["npz", "json"] = Query("npz", description="npz (numpy, no pickle) or json")):
     """The evaluation's per-clip table: label, clean prediction and, per suite entry,
     whether it broke the clip and at which iterate (docs/REPORT.md). Every accuracy of the
     report is an aggregate of it."""
     from models.evaluate import ClipRecords
 
-    row = get_or_404(session, Report, report_id, "report")
+    row = get_visible(session, Report, report_id, caller, "report")
     try:
         data = store.get_bytes(clips_key(row.artifact_key))
     except ObjectNotFound:

@@ -22,11 +22,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import func, select, update
 
-from service.schemas import MAX_OFFSET
-from service.api.deps import CeleryDep, SessionDep, StoreDep, get_or_404, invalid
-from service.api.jobs import new_job, submit_jobs
+from service.api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, invalid
+from service.api.jobs import check_quota, new_job, submit_jobs
 from service.api.reports import render_views, report_document
+from service.auth import Caller, CallerDep, get_visible, scoped
 from service.db import FINISHED, Job, JobGroup, Model, Report, new_id, utcnow
+from service.schemas import MAX_OFFSET
 from service.schemas import (EvaluateJobCreate, Links, SweepCounts, SweepCreate, SweepJob, SweepList, SweepPublic,
                              TrainJobCreate)
 
@@ -90,7 +91,7 @@ def _job_body(body: SweepCreate, varied: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-def build_jobs(session, body: SweepCreate) -> list[tuple[dict[str, Any], Job]]:
+def build_jobs(session, body: SweepCreate, caller: Caller) -> list[tuple[dict[str, Any], Job]]:
     """Validate every combination like ``POST /v1/jobs`` does and make its row; the first
     bad one is a 422 whose ``loc`` is ``body.grid.<field>`` or ``body.base.<field>`` and
     whose message names the combination. Nothing is added to the session."""
@@ -104,7 +105,7 @@ def build_jobs(session, body: SweepCreate) -> list[tuple[dict[str, Any], Job]]:
                 {**err, "loc": ("body", *_where(str(err["loc"][0]), varied), *err["loc"][1:]),
                  "msg": f"{where}: {err['msg']}"} for err in e.errors(include_url=False)])
         try:
-            job = new_job(session, request)
+            job = new_job(session, request, caller)
         except RequestValidationError as e:
             raise RequestValidationError([
                 {**err, "loc": ("body", *_where(str(err["loc"][1]), varied), *err["loc"][2:]),
@@ -174,12 +175,15 @@ def sweep_public(session, group: JobGroup, with_jobs: bool = True) -> SweepPubli
 # --------------------------------------------------------------------------- routes
 
 
-@router.post("", status_code=202, response_model=SweepPublic)
-def create_sweep(body: SweepCreate, session: SessionDep, celery: CeleryDep, response: Response):
+@router.post("", status_code=202, response_model=SweepPublic,
+             responses={429: {"description": "the key's quota of active sweeps is used up"}})
+def create_sweep(body: SweepCreate, caller: CallerDep, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
+                 response: Response):
     """Validate every combination, then create the group and its jobs at once and queue them."""
-    built = build_jobs(session, body)
+    built = build_jobs(session, body, caller)
+    check_quota(session, caller, settings, sweeps=1)
     name = body.name or body.preset or f"{body.kind} over {' × '.join(body.grid)}"
-    group = JobGroup(id=new_id(), name=name[:200], kind=body.kind,
+    group = JobGroup(id=new_id(), name=name[:200], kind=body.kind, owner_id=caller.id,
                      grid={"preset": body.preset, "base": body.base, "grid": body.grid,
                            "combinations": [varied for varied, _ in built]})
     jobs = []
@@ -192,11 +196,11 @@ def create_sweep(body: SweepCreate, session: SessionDep, celery: CeleryDep, resp
 
 
 @router.get("", response_model=SweepList)
-def list_sweeps(session: SessionDep, kind: Literal["train", "evaluate"] | None = None,
+def list_sweeps(caller: CallerDep, session: SessionDep, kind: Literal["train", "evaluate"] | None = None,
                 limit: int = Query(50, ge=1, le=500),
                 offset: int = Query(0, ge=0, le=MAX_OFFSET, description="rows to skip")):
     """Sweeps, newest first, with their status and counts (their jobs: ``GET /v1/sweeps/{id}``)."""
-    query = select(JobGroup)
+    query = scoped(select(JobGroup), JobGroup, caller)
     if kind is not None:
         query = query.where(JobGroup.kind == kind)
     total = session.scalar(select(func.count()).select_from(query.subquery()))
@@ -207,15 +211,15 @@ def list_sweeps(session: SessionDep, kind: Literal["train", "evaluate"] | None =
 
 
 @router.get("/{sweep_id}", response_model=SweepPublic)
-def get_sweep(sweep_id: str, session: SessionDep):
-    return sweep_public(session, get_or_404(session, JobGroup, sweep_id, "sweep"))
+def get_sweep(sweep_id: str, caller: CallerDep, session: SessionDep):
+    return sweep_public(session, get_visible(session, JobGroup, sweep_id, caller, "sweep"))
 
 
 @router.post("/{sweep_id}/cancel", status_code=202, response_model=SweepPublic)
-def cancel_sweep(sweep_id: str, session: SessionDep):
+def cancel_sweep(sweep_id: str, caller: CallerDep, session: SessionDep):
     """Queued jobs are cancelled at once, running ones stop at their worker's next step;
     finished jobs are left as they are."""
-    group = get_or_404(session, JobGroup, sweep_id, "sweep")
+    group = get_visible(session, JobGroup, sweep_id, caller, "sweep")
     result = session.execute(update(Job).where(Job.group_id == sweep_id, Job.status == "queued").values(
         status="cancelled", cancel_requested=True, finished_at=utcnow()))
     running = session.execute(update(Job).where(Job.group_id == sweep_id, Job.status == "running").values(
@@ -248,7 +252,7 @@ def _evaluation_key(job: Job | None, row: Report) -> tuple:
 
 @router.get("/{sweep_id}/report", responses={200: {"content": {"text/html": {}},
                                                    "description": "robustact.views/v1 JSON, or the HTML page"}})
-def sweep_report(sweep_id: str, session: SessionDep, store: StoreDep,
+def sweep_report(sweep_id: str, caller: CallerDep, session: SessionDep, store: StoreDep,
                  format: Literal["json", "html"] = "json",
                  attack: str | None = Query(None, description="attack label of Table 2 (default: PGD20 when present, "
                                                               "else the first label)"),
@@ -261,11 +265,11 @@ def sweep_report(sweep_id: str, session: SessionDep, store: StoreDep,
     over the reports of its evaluation jobs (evaluate sweep) or of the evaluations of the
     models it trained (train sweep). Evaluations of one model on the same data are merged,
     so an ε sweep draws one curve per model."""
-    group = get_or_404(session, JobGroup, sweep_id, "sweep")
+    group = get_visible(session, JobGroup, sweep_id, caller, "sweep")
     jobs = _jobs(session, group.id)
     order = {j.id: i for i, j in enumerate(jobs)}
     if group.kind == "evaluate":
-        rows = session.scalars(select(Report).where(Report.job_id.in_(order))).all()
+        rows = session.scalars(scoped(select(Report), Report, caller).where(Report.job_id.in_(order))).all()
         rows = sorted(rows, key=lambda r: (order[r.job_id], r.created_at))
         if not rows:
             counts = Counter(j.status for j in jobs)
@@ -274,7 +278,8 @@ def sweep_report(sweep_id: str, session: SessionDep, store: StoreDep,
     else:
         models = session.execute(select(Model.id, Model.job_id).where(Model.job_id.in_(order))).all()
         model_order = {m: order[j] for m, j in models}
-        rows = session.scalars(select(Report).where(Report.model_id.in_(model_order))).all() if models else []
+        rows = session.scalars(scoped(select(Report), Report, caller).where(
+            Report.model_id.in_(model_order))).all() if models else []
         rows = sorted(rows, key=lambda r: (model_order[r.model_id], r.created_at, r.id))
         if not rows:
             what = (f"its models ({', '.join(sorted(model_order, key=model_order.get))}) have no evaluation "

@@ -9,6 +9,7 @@ Backends:
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -25,8 +26,34 @@ from service.settings import Settings
 
 # One torch thread per process: the API, the workers and the test runner share two cores,
 # where OpenMP threads waiting on each other can make a step 50x slower.
+# Datasets are registered from pytest's temp directories, so those are the dataset roots.
+# One decoder child per API (each costs ~0.75 s of CPU to start and ~240 MiB).
 TEST_SETTINGS = dict(heartbeat_interval_s=0.5, heartbeat_timeout_s=20.0, seed_dataset=False, device="cpu",
-                     api_torch_threads=1, worker_torch_threads=1)
+                     api_torch_threads=1, worker_torch_threads=1, dataset_roots=tempfile.gettempdir(),
+                     decode_workers=1)
+
+
+def new_key(settings: Settings, name: str = "test-admin", admin: bool = True, **quotas: Any) -> tuple[str, str]:
+    """A key made directly in the service's database (as ``robustact keys create`` does):
+    (key id, key)."""
+    from service.auth import create_key
+    from service.db import make_engine, make_sessionmaker
+
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            row, key = create_key(session, name, admin=admin, **quotas)
+            return row.id, key
+    finally:
+        engine.dispose()
+
+
+def authorize(client, settings: Settings, name: str = "test-admin", admin: bool = True) -> str:
+    """Give ``client`` (httpx or TestClient, after the app started) a new key's header;
+    returns the key id."""
+    key_id, key = new_key(settings, name, admin)
+    client.headers["Authorization"] = f"Bearer {key}"
+    return key_id
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,6 +83,8 @@ def make_settings(backend: str, data_dir: Path, request: pytest.FixtureRequest, 
         values.update(database_url=fresh_postgres_database(request.getfixturevalue("postgres_url")),
                       broker_url=request.getfixturevalue("redis_url"), store_url=f"s3://{bucket}/robustact",
                       s3_endpoint_url=endpoint)
+        if "dataset_roots" not in overrides:  # and datasets uploaded next to the artefacts
+            values["dataset_roots"] = f"{values['dataset_roots']},s3://{bucket}/robustact/datasets"
     return Settings(**values)
 
 
@@ -71,8 +100,17 @@ class LiveService:
 
     settings: Settings
     url: str
-    client: httpx.Client
+    client: httpx.Client  # authenticated with an admin key (``admin_id``)
+    admin_id: str = ""
     workers: list = field(default_factory=list)
+    clients: list = field(default_factory=list)
+
+    def key_client(self, name: str, admin: bool = False, **quotas: Any) -> tuple[httpx.Client, str]:
+        """A client with a new key of its own: (client, key id)."""
+        key_id, key = new_key(self.settings, name, admin, **quotas)
+        client = httpx.Client(base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {key}"})
+        self.clients.append(client)
+        return client, key_id
 
     def start_worker(self, **overrides: Any):
         settings = self.settings.model_copy(update=overrides) if overrides else self.settings
@@ -123,6 +161,7 @@ def live_service(tmp_path, request) -> Iterator[Callable[..., LiveService]]:
             time.sleep(0.05)
         service = LiveService(settings, f"http://127.0.0.1:{port}",
                               httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60))
+        service.admin_id = authorize(service.client, settings)
         started.append((service, server, thread))
         for _ in range(workers):
             service.start_worker()
@@ -132,6 +171,8 @@ def live_service(tmp_path, request) -> Iterator[Callable[..., LiveService]]:
     for service, server, thread in started:
         for process in service.workers:
             stop_worker(process, timeout=15)
+        for client in service.clients:
+            client.close()
         service.client.close()
         server.should_exit = True
         thread.join(timeout=15)

@@ -22,7 +22,7 @@ from service.app import create_app
 from service.db import Dataset, Job, Model, Report, make_engine, make_sessionmaker
 from service.settings import Settings
 from service.store import open_store
-from tests.service.conftest import TEST_SETTINGS
+from tests.service.conftest import TEST_SETTINGS, authorize
 from worker.tasks import add_model
 
 SAMPLE = "S001C001P003R001A002"
@@ -42,6 +42,7 @@ def upload_tmp(tmp_path_factory):
 def api(tmp_path_factory, synthetic_root, upload_tmp):
     settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path_factory.mktemp("api"), "max_upload_mb": 3.0})
     with TestClient(create_app(settings)) as client:
+        authorize(client, settings)
         client.settings = settings
         client.root = synthetic_root
         r = client.post("/v1/datasets", json={"name": "tiny3", "format": "synthetic",
@@ -459,6 +460,7 @@ def test_report_views_as_html_and_json(api):
 def test_broker_down_is_503_and_the_job_is_marked_failed(tmp_path, synthetic_root):
     settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path, "broker_url": "redis://127.0.0.1:9/0"})
     with TestClient(create_app(settings)) as client:
+        authorize(client, settings)
         ready = client.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["checks"]["broker"].startswith("error") and ready.json()["checks"]["database"] == "ok"

@@ -22,9 +22,9 @@ def _register(svc, backend, root, s3_bucket=None) -> dict:
         # A dataset that lives in S3 too: the worker downloads it once into its cache.
         from service.store import open_store
 
-        bucket = s3_bucket("datasets")
-        open_store(f"s3://{bucket}/tiny3", endpoint_url=svc.settings.s3_endpoint_url).put_dir("", root)
-        location = f"s3://{bucket}/tiny3"
+        # Under STORE_URL/datasets, one of the default dataset roots.
+        location = f"{svc.settings.store_url}/datasets/tiny3"
+        open_store(location, endpoint_url=svc.settings.s3_endpoint_url).put_dir("", root)
     r = svc.client.post("/v1/datasets", json={"name": "tiny3", "format": "synthetic", "location": location})
     assert r.status_code == 201, r.text
     return r.json()

@@ -39,7 +39,7 @@ def test_upgrade_from_empty(empty_database):
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
             version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
         assert diff == []
-        assert version == "0002"
+        assert version == "0003"
     finally:
         engine.dispose()
 

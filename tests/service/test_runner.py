@@ -1,6 +1,7 @@
 """``serve`` (behind ``robustact serve`` / ``make run``) as a newcomer meets it: one process
-that migrates, seeds a synthetic dataset, runs the API and a real worker, and takes the
-worker down with it."""
+that migrates, creates the first admin key, seeds a synthetic dataset shared with every key,
+runs the API and a real worker, and takes the worker down with it; ``robustact keys``
+makes, lists and revokes keys on the same data directory."""
 
 from __future__ import annotations
 
@@ -47,20 +48,48 @@ def test_serve_seeds_a_dataset_and_runs_a_worker(tmp_path):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
-        datasets = client.get("/v1/datasets").json()["items"]
+        assert client.get("/v1/datasets").status_code == 401  # no key
+        key_file = tmp_path / "var" / "admin.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert str(key_file) in (tmp_path / "serve.log").read_text()  # it says where the key is
+        admin = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
+        assert client.get("/v1/keys/me", headers=admin).json()["admin"] is True
+
+        # A user key made with the CLI on the same data directory sees the seed dataset.
+        cli = [sys.executable, "-m", "service.cli", "keys"]
+        made = subprocess.run(cli + ["create", "--name", "alice", "--data-dir", str(tmp_path / "var")], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        user = {"Authorization": f"Bearer {made.stdout.strip()}"}
+        datasets = client.get("/v1/datasets", headers=user).json()["items"]
         assert [d["name"] for d in datasets] == [SEED_DATASET]
         assert datasets[0]["splits"]["xsub"] == {"train": 45, "test": 15}
+        assert datasets[0]["shared"] is True and datasets[0]["location"] is None
 
-        r = client.post("/v1/jobs", json={"kind": "train", "dataset_id": SEED_DATASET, "defence": "none",
-                                          "epochs": 1, "max_samples": 10})
+        r = client.post("/v1/jobs", headers=user, json={"kind": "train", "dataset_id": SEED_DATASET,
+                                                        "defence": "none", "epochs": 1, "max_samples": 10})
         assert r.status_code == 202, r.text
         deadline = time.monotonic() + 240
-        while (job := client.get(f"/v1/jobs/{r.json()['id']}").json())["status"] in ("queued", "running"):
+        while (job := client.get(f"/v1/jobs/{r.json()['id']}", headers=user).json())["status"] in (
+                "queued", "running"):
             assert time.monotonic() < deadline, job
             time.sleep(0.3)
         assert job["status"] == "succeeded", (job, (tmp_path / "serve.log").read_text()[-3000:])
         workers = _children(proc.pid)
         assert workers, "serve should run a worker subprocess"
+        # The admin sees the user's job; the user's model is the user's.
+        assert client.get(f"/v1/jobs/{job['id']}", headers=admin).status_code == 200
+        model_id = job["outputs"]["model_id"]
+        assert client.get(f"/v1/models/{model_id}", headers=user).json()["owner_id"] == \
+            client.get("/v1/keys/me", headers=user).json()["id"]
+
+        listed = subprocess.run(cli + ["list", "--data-dir", str(tmp_path / "var")], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        alice = next(line.split()[0] for line in listed.stdout.splitlines() if line.endswith("alice"))
+        revoked = subprocess.run(cli + ["revoke", alice, "--data-dir", str(tmp_path / "var")], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=120)
+        assert revoked.returncode == 0, revoked.stderr
+        assert client.get("/v1/datasets", headers=user).status_code == 401
     finally:
         client.close()
         proc.send_signal(signal.SIGINT)

@@ -17,15 +17,18 @@ from service.db import Job, JobGroup, Model, Report, make_engine, make_sessionma
 from service.settings import Settings
 from service.store import open_store
 from tests.fixtures.make_view_reports import fusion_report
-from tests.service.conftest import TEST_SETTINGS
+from tests.service.conftest import TEST_SETTINGS, authorize
 from tests.service.test_bad_input import _tiny_model
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, synthetic_root):
     """The API with the embedded broker and no worker: submitted jobs stay queued."""
-    settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path_factory.mktemp("sweeps")})
+    # Nothing runs here, so sweeps pile up: quotas are tested in test_security.py.
+    settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path_factory.mktemp("sweeps"), "max_active_sweeps": 1000,
+                           "max_active_jobs": 1000})
     with TestClient(create_app(settings)) as client:
+        authorize(client, settings)
         client.settings = settings
         r = client.post("/v1/datasets", json={"name": "tiny3", "format": "synthetic",
                                               "location": str(synthetic_root)})
@@ -129,9 +132,9 @@ def test_grid_is_the_cartesian_product(api):
     ({"kind": "evaluate", "base": {"model_id": "MODEL"}, "grid": {"eps": [[4], [300]]}},
      ["body", "grid", "eps", "0"], "combination 1"),
     ({"kind": "evaluate", "base": {"model_id": "MODEL"}, "grid": {"attacks": [["fgsm"], ["pgdx"]]}},
-     ["body", "grid", "attacks"], "combination 1"),
+     ["body", "grid", "attacks", "0"], "combination 1"),
     ({"kind": "evaluate", "base": {"model_id": "MODEL"}, "grid": {"attacks": [["apgd-ce"], ["square0"]]}},
-     ["body", "grid", "attacks"], "combination 1"),
+     ["body", "grid", "attacks", "0"], "combination 1"),
     ({"kind": "evaluate", "base": {"model_id": "MODEL"}, "grid": {"restarts": [2, 0]}},
      ["body", "grid", "restarts"], "combination 1"),
     ({"kind": "train", "base": {"dataset_id": "tiny3"}, "grid": {"magic": [1]}}, ["body", "grid", "magic"],
@@ -153,7 +156,7 @@ def test_an_invalid_combination_creates_nothing(api, unchanged, body, loc, words
 
 def test_too_large_a_grid_is_422(api, unchanged):
     r = api.post("/v1/sweeps", json={"kind": "train", "base": {"dataset_id": "tiny3"},
-                                     "grid": {"seed": list(range(65))}})
+                                     "grid": {"seed": list(range(13)), "lam": [0.5, 1, 2, 4, 8]}})
     assert r.status_code == 422 and _loc(r) == ["body", "grid"] and "65 jobs" in r.text and "64" in r.text
     r = api.post("/v1/sweeps", json={"kind": "train", "preset": "table4", "base": {"dataset_id": "tiny3"},
                                      "grid": {"seed": list(range(16)), "lam": [1, 2]}})

@@ -1,5 +1,8 @@
 """Latency of ``POST /v1/models/{id}/classify`` for the tiny preset, under 1 and 16
-concurrent clients, beside the bare model's forward time on the same decoded input.
+concurrent clients, beside the bare model's forward time on the same decoded input; then
+the same 16-client load with 4 of the clients sending hostile uploads (a 6 MB skeleton
+declaring 2,000,001 frames, a 100,000-frame video, a 4096x4096 video, a chunked 100 MB
+body), to see what they cost the 12 honest ones.
 
 The API runs in its own process (uvicorn, embedded settings in a temp directory); the
 model is a tiny-preset fusion network with 3 AMRs (weights as initialised: latency does
@@ -10,7 +13,10 @@ its ``.skeleton`` file), uploaded as multipart like ``curl -F``.
 
 The last line printed is one JSON object: p50_ms_1, p99_ms_1, p50_ms_16, p99_ms_16,
 bare_forward_ms, throughput_rps_1, throughput_rps_16, throughput_ratio_16_vs_1,
-overhead_ratio_p50_1 (p50 latency at 1 client / bare forward).
+overhead_ratio_p50_1 (p50 latency at 1 client / bare forward), and for the run with bombs
+honest_p50_ms_bombs, honest_p99_ms_bombs, honest_errors_bombs, errors_clean,
+p99_ratio_bombs_vs_clean (honest p99 with bombs / p99 of the clean 16-client run),
+bomb_statuses, api_rss_mb_before / api_rss_mb_peak.
 """
 
 from __future__ import annotations
@@ -105,15 +111,15 @@ def bare_forward_ms(checkpoint: Path, video: bytes, skeleton: bytes, repeats: in
     return statistics.median(times)
 
 
-def run_clients(url: str, model_id: str, video: bytes, skeleton: bytes, clients: int,
-                per_client: int) -> tuple[list[float], float]:
-    """Latencies (ms) of every request and the wall time of the whole run."""
+def run_clients(url: str, key: str, model_id: str, video: bytes, skeleton: bytes, clients: int,
+                per_client: int) -> tuple[list[float], float, list[str]]:
+    """Latencies (ms) of every request, the wall time of the whole run and the errors."""
     latencies: list[float] = []
     lock = threading.Lock()
     errors: list[str] = []
 
     def client() -> None:
-        with httpx.Client(base_url=url, timeout=120) as http:
+        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as http:
             for _ in range(per_client):
                 t0 = time.perf_counter()
                 r = http.post(f"/v1/models/{model_id}/classify",
@@ -132,9 +138,69 @@ def run_clients(url: str, model_id: str, video: bytes, skeleton: bytes, clients:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    if errors:
-        raise SystemExit(f"{len(errors)} failed requests, first: {errors[0]}")
-    return latencies, wall
+    return latencies, wall, errors
+
+
+def make_bombs(directory: Path, video: bytes, skeleton: bytes) -> list[tuple[str, object]]:
+    """(name, files or None for the chunked body) of each hostile upload, each beside an
+    honest clip of the other modality (a fusion model needs both, and would refuse a lone
+    bomb before decoding it); the writers are the tests' own."""
+    from tests.service.test_uploads import encode_video, skeleton_bomb
+
+    honest_video = ("clip.avi", video, "video/x-msvideo")
+    honest_skeleton = ("clip.skeleton", skeleton, "text/plain")
+    many = encode_video(directory / "many.mp4", 100_000, 16, 16).read_bytes()
+    huge = encode_video(directory / "huge.mp4", 2, 4096, 4096).read_bytes()  # within the default limits
+    return [
+        ("skeleton-bomb", {"video": honest_video,
+                           "skeleton": ("bomb.skeleton", skeleton_bomb(skeleton.decode()), "text/plain")}),
+        ("100k-frames", {"video": ("many.mp4", many, "video/mp4"), "skeleton": honest_skeleton}),
+        ("4096x4096", {"video": ("huge.mp4", huge, "video/mp4"), "skeleton": honest_skeleton}),
+        ("chunked-100MB", None),
+    ]
+
+
+def chunked_body():
+    yield (b'--x\r\nContent-Disposition: form-data; name="video"; filename="big.mp4"\r\n'
+           b"Content-Type: video/mp4\r\n\r\n")
+    chunk = b"\0" * (1 << 20)
+    for _ in range(100):
+        yield chunk
+
+
+def run_bombers(url: str, key: str, model_id: str, bombs, stop: threading.Event) -> dict[str, dict[int, int]]:
+    """One client per bomb, each sending it again and again until ``stop``; counts of the
+    answers' status codes per bomb."""
+    statuses: dict[str, dict[int, int]] = {name: {} for name, _ in bombs}
+
+    def bomber(name: str, files) -> None:
+        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as http:
+            while not stop.is_set():
+                try:
+                    if files is None:
+                        r = http.post(f"/v1/models/{model_id}/classify", content=chunked_body(),
+                                      headers={"Content-Type": "multipart/form-data; boundary=x"})
+                    else:
+                        r = http.post(f"/v1/models/{model_id}/classify", files=files)
+                    code = r.status_code
+                except httpx.HTTPError:
+                    code = 0  # connection error
+                statuses[name][code] = statuses[name].get(code, 0) + 1
+
+    threads = [threading.Thread(target=bomber, args=bomb, daemon=True) for bomb in bombs]
+    for t in threads:
+        t.start()
+    stop.wait()
+    for t in threads:
+        t.join(120)
+    return statuses
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def main() -> None:
@@ -147,7 +213,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="robustact-bench-") as tmp:
         data_dir = Path(tmp)
-        model_id, checkpoint, video, skeleton = setup(data_dir)
+        model_id, checkpoint, video, skeleton, key = setup(data_dir)
+        bombs = make_bombs(data_dir, video, skeleton)
         port = free_port()
         env = {**os.environ, "ROBUSTACT_DATA_DIR": str(data_dir), "ROBUSTACT_SEED_DATASET": "false",
                "ROBUSTACT_API_TORCH_THREADS": str(args.torch_threads), "PYTHONPATH": str(ROOT)}
@@ -166,10 +233,35 @@ def main() -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise SystemExit("the API did not start")
                 time.sleep(0.1)
-            run_clients(url, model_id, video, skeleton, 1, 3)  # load the model, warm up
-            lat1, wall1 = run_clients(url, model_id, video, skeleton, 1, args.requests)
+            run_clients(url, key, model_id, video, skeleton, 1, 3)  # load the model, warm up
+            lat1, wall1, errors1 = run_clients(url, key, model_id, video, skeleton, 1, args.requests)
             per_client = max(3, round(args.requests / args.clients))
-            lat16, wall16 = run_clients(url, model_id, video, skeleton, args.clients, per_client)
+            lat16, wall16, errors16 = run_clients(url, key, model_id, video, skeleton, args.clients, per_client)
+            if errors1 or errors16:
+                raise SystemExit(f"{len(errors1) + len(errors16)} failed requests in the clean runs, first: "
+                                 f"{(errors1 + errors16)[0]}")
+            # The same load, 4 of the 16 clients replaced by bombers (honest clients send as many
+            # requests in all as the clean run's 16 did).
+            honest = args.clients - len(bombs)
+            rss_before, peak = rss_mb(server.pid), [0.0]
+            stop = threading.Event()
+            statuses: dict = {}
+            bombers = threading.Thread(target=lambda: statuses.update(run_bombers(url, key, model_id, bombs, stop)))
+            bombers.start()
+
+            def watch() -> None:
+                while not stop.is_set():
+                    peak[0] = max(peak[0], rss_mb(server.pid))
+                    time.sleep(0.05)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            time.sleep(1.0)  # the bombs are in flight
+            per_honest = max(3, round(len(lat16) / honest))
+            lat_b, wall_b, errors_b = run_clients(url, key, model_id, video, skeleton, honest, per_honest)
+            stop.set()
+            bombers.join()
+            watcher.join()
         finally:
             server.terminate()
             server.wait(30)
@@ -186,7 +278,13 @@ def main() -> None:
         "throughput_rps_1": round(len(lat1) / wall1, 2), "throughput_rps_16": round(len(lat16) / wall16, 2),
         "clients": args.clients, "requests_1": len(lat1), "requests_16": len(lat16),
         "cpu_count": os.cpu_count(), "torch_threads": args.torch_threads,
+        "honest_clients_bombs": honest, "requests_bombs": len(lat_b),
+        "honest_p50_ms_bombs": round(percentile(lat_b, 50), 2), "honest_p99_ms_bombs": round(percentile(lat_b, 99), 2),
+        "honest_errors_bombs": len(errors_b), "errors_clean": len(errors1) + len(errors16),
+        "bomb_statuses": {name: {str(k): v for k, v in sorted(codes.items())} for name, codes in statuses.items()},
+        "api_rss_mb_before": round(rss_before, 1), "api_rss_mb_peak": round(peak[0], 1),
     }
+    result["p99_ratio_bombs_vs_clean"] = round(result["honest_p99_ms_bombs"] / result["p99_ms_16"], 2)
     result["throughput_ratio_16_vs_1"] = round(result["throughput_rps_16"] / result["throughput_rps_1"], 2)
     result["overhead_ratio_p50_1"] = round(result["p50_ms_1"] / bare, 2)
     print(f"classify, tiny preset (fusion + 3 AMR), {os.cpu_count()} CPU(s)")
@@ -197,6 +295,14 @@ def main() -> None:
           f"{result['throughput_rps_16']:.1f} req/s")
     print(f"  service overhead (p50 at 1 client / bare forward): {result['overhead_ratio_p50_1']:.2f}x; "
           f"throughput 16 vs 1: {result['throughput_ratio_16_vs_1']:.2f}x")
+    print(f"  {honest} honest + {len(bombs)} bombers  p50 {result['honest_p50_ms_bombs']:8.2f} ms  "
+          f"p99 {result['honest_p99_ms_bombs']:8.2f} ms  honest errors {len(errors_b)} (clean runs: "
+          f"{result['errors_clean']}); p99 with bombs / clean p99 at 16 clients: "
+          f"{result['p99_ratio_bombs_vs_clean']:.2f}x")
+    print(f"  bombs answered: {json.dumps(result['bomb_statuses'])}; API resident memory "
+          f"{result['api_rss_mb_before']:.0f} MiB before, {result['api_rss_mb_peak']:.0f} MiB peak")
+    if errors_b:
+        print(f"  first honest error: {errors_b[0]}")
     print(json.dumps(result))
 
 

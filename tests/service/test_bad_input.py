@@ -66,7 +66,7 @@ def _tiny_model(settings: Settings, dataset: dict) -> str:
         "normalisation": {"skel_min": [-1.5, -1.5, 1.5], "skel_max": [1.5, 1.5, 4.5]},
         "train": TrainConfig().to_dict()})
     with make_sessionmaker(make_engine(settings.database_url))() as session:
-        model = add_model(session, open_store(settings.store_url), directory, "random-tiny",
+        model = add_model(session, open_store(settings.store_url, settings.s3_endpoint_url), directory, "random-tiny",
                           dataset_id=dataset["id"])
         session.commit()
         model_id = model.id

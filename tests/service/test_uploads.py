@@ -274,8 +274,8 @@ def decoder_pids() -> list[int]:
 class Api:
     """A live API with one decoder and a tiny model, and the classify calls of the tests."""
 
-    def __init__(self, live_service, **settings):
-        self.service = live_service("embedded", workers=0, decode_workers=1, **settings)
+    def __init__(self, live_service, backend: str = "embedded", **settings):
+        self.service = live_service(backend, workers=0, decode_workers=1, **settings)
         self.client = self.service.client
         self.model_id = _tiny_model(self.service.settings, {"num_classes": 3, "class_names": ["a", "b", "c"],
                                                             "id": None})
@@ -316,8 +316,9 @@ def _detail(r) -> str:
     return detail[0]["msg"] if isinstance(detail, list) else detail
 
 
-def test_bombs_are_refused_at_once_and_the_api_stays_small(live_service, clips):
-    api = Api(live_service, max_video_width=1920, max_video_height=1080)
+@pytest.mark.parametrize("backend", ["embedded", "servers"])
+def test_bombs_are_refused_at_once_and_the_api_stays_small(backend, live_service, clips):
+    api = Api(live_service, backend, max_video_width=1920, max_video_height=1080)
     api.classify_normal(clips)  # model loaded, decoder warm: the baseline
     video = ("a.avi", clips["video"].read_bytes(), "video/x-msvideo")
     skeleton = ("a.skeleton", clips["skeleton"].read_bytes(), "text/plain")

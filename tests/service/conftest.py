@@ -102,6 +102,7 @@ class LiveService:
     url: str
     client: httpx.Client  # authenticated with an admin key (``admin_id``)
     admin_id: str = ""
+    app: Any = None  # the FastAPI application, in this process
     workers: list = field(default_factory=list)
     clients: list = field(default_factory=list)
 
@@ -150,8 +151,9 @@ def live_service(tmp_path, request) -> Iterator[Callable[..., LiveService]]:
     def make(backend: str = "embedded", workers: int = 1, **overrides: Any) -> LiveService:
         settings = make_settings(backend, tmp_path / f"data-{backend}", request, **overrides)
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                               log_level="warning", lifespan="on"))
+        app = create_app(settings)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                               lifespan="on"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
@@ -162,6 +164,7 @@ def live_service(tmp_path, request) -> Iterator[Callable[..., LiveService]]:
         service = LiveService(settings, f"http://127.0.0.1:{port}",
                               httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60))
         service.admin_id = authorize(service.client, settings)
+        service.app = app
         started.append((service, server, thread))
         for _ in range(workers):
             service.start_worker()

@@ -386,3 +386,26 @@ def test_a_clip_over_the_memory_budget_is_422(live_service, clips):
     assert _detail(r) == "'huge.mp4' needs more than 320 MiB to decode" and seconds < 10
     assert rss_mb() - before < RSS_GROWTH_BOUND_MB
     api.classify_normal(clips)
+
+
+@pytest.mark.parametrize("backend", ["embedded", "servers"])
+def test_no_database_connection_is_held_while_decoding(backend, live_service, clips):
+    """A slow decode holds a decoder and a compute slot, never a pooled database connection."""
+    api = Api(live_service, backend)
+    api.classify_normal(clips)
+    pool = api.service.app.state.engine.pool
+    files = (("a.avi", clips["video"].read_bytes(), "video/x-msvideo"),
+             ("long.skeleton", clips["long"].read_bytes(), "text/plain"))
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(api.classify(*files)))
+    thread.start()
+    decoders = api.service.app.state.decoders
+    deadline = time.monotonic() + 20
+    seen_busy = 0
+    while thread.is_alive() and time.monotonic() < deadline:
+        if decoders.busy_pids:
+            seen_busy += 1
+            assert pool.checkedout() == 0
+        time.sleep(0.005)
+    thread.join()
+    assert seen_busy > 0 and result[0].status_code == 200, result[0].text

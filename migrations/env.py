@@ -5,7 +5,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from service.db import Base, make_engine
+from service.db import Base, make_engine, migration_lock
 
 config = context.config
 if config.config_file_name is not None:
@@ -29,9 +29,11 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = make_engine(database_url())
+    url = database_url()
+    engine = make_engine(url)
     try:
-        with engine.connect() as connection:
+        # One process at a time (service.db.migration_lock); the others then find nothing to do.
+        with migration_lock(url), engine.connect() as connection:
             context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
             with context.begin_transaction():
                 context.run_migrations()

@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 
 from service.api import datasets, health, jobs, keys, models, reports, sweeps
 from service.auth import get_caller
@@ -27,10 +28,15 @@ from service.db import make_engine, make_sessionmaker, migrate
 from service.decoder import make_decoder_pool
 from service.middleware import Admission, Admit, Authenticate, LimitBody
 from service.settings import Settings
-from service.store import open_store
+from service.store import StoreUnavailable, open_store
 from worker.celery_app import make_celery
 
 log = logging.getLogger("robustact.api")
+
+
+def _unavailable(what: str, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": f"{what} is unreachable ({type(exc).__name__}); retry shortly"},
+                        status_code=503, headers={"Retry-After": "5"})
 
 
 def _json_safe(value):
@@ -85,6 +91,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # FastAPI's own handler echoes each bad value; a NaN or an infinity (Python's json
         # reads them) would make that answer unserialisable, i.e. a 500.
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
+    @app.exception_handler(sa_exc.DBAPIError)
+    async def database_error(request: Request, exc: sa_exc.DBAPIError):
+        # A dropped or refused connection is an outage, not a bug: 503, and the client may retry.
+        if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)) or exc.connection_invalidated:
+            log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                        str(exc.orig).splitlines()[0] if exc.orig else exc)
+            return _unavailable("the database", exc)
+        return await unexpected_error(request, exc)
+
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def database_busy(request: Request, exc: sa_exc.TimeoutError):
+        return _unavailable("the database (no free connection)", exc)
+
+    async def store_error(request: Request, exc: Exception):
+        log.warning("object store unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return _unavailable("the object store", exc)
+
+    for unavailable in StoreUnavailable:  # botocore's connection errors
+        app.add_exception_handler(unavailable, store_error)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):

@@ -9,14 +9,17 @@ attempts, heartbeat and the cancel request all live there (not in a Celery resul
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, create_engine, event
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+CONNECT_TIMEOUT_S = 5
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -186,7 +189,10 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # A connect timeout, so that a Postgres that does not answer fails a request (503) instead
+    # of hanging it.
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -204,6 +210,47 @@ def alembic_config(url: str):
     cfg.set_main_option("script_location", next(iter(migrations.__path__)))
     cfg.attributes["database_url"] = url
     return cfg
+
+
+# Key of the Postgres advisory lock held while migrating (any constant no other code uses).
+MIGRATION_LOCK_KEY = 0x726F627573746163  # "robustac"
+
+
+@contextmanager
+def migration_lock(url: str) -> Iterator[None]:
+    """Held while Alembic runs (``migrations/env.py``), so that N processes starting together
+    (an API and its workers) migrate one at a time: the first upgrades, the others then find
+    the schema at head. Postgres: a session advisory lock on a connection of its own;
+    SQLite: an exclusive ``flock`` on ``<database file>.migrate.lock``; other backends: none."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if not path or path == ":memory:":
+            yield
+            return
+        lock_path = Path(path + ".migrate.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    if not url.startswith("postgresql"):
+        yield
+        return
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 def migrate(url: str, revision: str = "head") -> None:

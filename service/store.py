@@ -34,6 +34,19 @@ class StoreError(RuntimeError):
     """The store is unreachable or misconfigured."""
 
 
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the S3 server cannot be reached" (not "the request is wrong")."""
+    try:
+        from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, \
+            ReadTimeoutError
+    except ImportError:  # boto3 not installed: only the file store
+        return ()
+    return (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)
+
+
+StoreUnavailable = _unavailable_errors()
+
+
 class ObjectNotFound(KeyError):
     """No object under this key."""
 

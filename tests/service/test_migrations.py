@@ -53,3 +53,29 @@ def test_downgrade_to_empty_and_back(empty_database):
     finally:
         engine.dispose()
     migrate(empty_database)
+
+
+def test_concurrent_starts_migrate_once(empty_database, tmp_path):
+    """Several processes starting together (an API and its workers) on an empty database:
+    the migration lock lets one upgrade while the others wait, then find the schema at head.
+    Without it they race to create the same tables."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    code = f"from service.db import migrate; migrate({empty_database!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for _ in range(4)]
+    outputs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(outputs)
+    engine = make_engine(empty_database)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0003"]
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert diff == []
+    finally:
+        engine.dispose()

@@ -27,6 +27,7 @@ from service.classify import ModelCache
 from service.db import make_engine, make_sessionmaker, migrate
 from service.decoder import make_decoder_pool
 from service.middleware import Admission, Admit, Authenticate, LimitBody
+from service.reaper import Reaper
 from service.settings import Settings
 from service.store import StoreUnavailable, open_store
 from worker.celery_app import make_celery
@@ -71,9 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.models = ModelCache(store, settings.cache_dir / "models", settings.model_cache_size,
                                       settings.device)
         app.state.decoders = make_decoder_pool(settings)
+        reaper = Reaper(app.state.sessions, settings, app.state.celery).start()  # also when no worker lives
         try:
             yield
         finally:
+            reaper.stop()
             app.state.decoders.close()
             engine.dispose()
 

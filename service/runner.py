@@ -2,9 +2,11 @@
 
 ``serve`` is the embedded, no-servers setup of ``make run``: it migrates the database,
 creates an admin API key if there is no key at all (written to ``DATA_DIR/admin.key``, mode
-0600), makes a small synthetic dataset available to every key (first start only), starts one real Celery
-worker subprocess on the configured broker (by default kombu's SQLAlchemy transport on a
-SQLite file under ``data_dir``), runs the API with uvicorn, and stops the worker on exit.
+0600), makes a small synthetic dataset available to every key (first start only), starts
+one real Celery worker subprocess on the configured broker (by default kombu's SQLAlchemy
+transport on a SQLite file under ``data_dir``) under a supervisor that restarts it when it
+dies, runs the API with uvicorn, and stops the worker on exit. The worker dies with
+``serve`` even when ``serve`` is killed (``worker.launch``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -104,7 +108,7 @@ def worker_command(hostname: str | None = None, loglevel: str = "INFO") -> list[
     """The command line of one worker: solo pool, one task at a time."""
     from worker.celery_app import QUEUE
 
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
+    return [sys.executable, "-m", "worker.launch", "-A", "worker.celery_app", "worker", "--pool", "solo",
             "--concurrency", "1", "--queues", QUEUE, "--loglevel", loglevel,
             "--hostname", hostname or f"robustact-{os.getpid()}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
@@ -114,7 +118,7 @@ def start_worker(settings: Settings, hostname: str | None = None, loglevel: str 
                  log_file: str | Path | None = None) -> subprocess.Popen:
     """Start a Celery worker subprocess with ``settings`` in its environment."""
     project_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, **settings.as_env()}
+    env = {**os.environ, **settings.as_env(), "ROBUSTACT_PARENT_PID": str(os.getpid())}  # dies with us
     env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH")) if p)
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +143,54 @@ def stop_worker(process: subprocess.Popen, timeout: float = WORKER_STOP_TIMEOUT_
         process.wait()
 
 
+class WorkerSupervisor:
+    """Keeps the embedded worker of ``serve`` running: a worker that dies (a crash, the OOM
+    killer, ``kill -9``) is started again after a backoff (1 s, doubling up to
+    ``MAX_BACKOFF_S``; back to 1 s once a worker has lived ``STABLE_S``). Every worker is
+    started from the supervisor's own thread, which lives as long as ``serve``, so
+    ``PR_SET_PDEATHSIG`` (``worker.launch``) ties it to this process."""
+
+    MAX_BACKOFF_S = 30.0
+    STABLE_S = 60.0
+    POLL_S = 0.5
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-supervisor", daemon=True)
+
+    def start(self) -> "WorkerSupervisor":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.process = start_worker(self.settings)
+            while self.process.poll() is None and not self._stop.wait(self.POLL_S):
+                pass
+            if self._stop.is_set():
+                break
+            lived = time.monotonic() - started
+            backoff = 1.0 if lived >= self.STABLE_S else backoff
+            log.error("the embedded worker (pid %d) exited with %s after %.0f s; starting a new one in %.0f s",
+                      self.process.pid, self.process.returncode, lived, backoff)
+            if self._stop.wait(backoff):
+                break
+            backoff = min(self.MAX_BACKOFF_S, backoff * 2)
+            self.restarts += 1
+        if self.process is not None:
+            stop_worker(self.process)
+
+    def stop(self) -> None:
+        """Stop the worker (warm shutdown, then SIGKILL) and the supervision."""
+        self._stop.set()
+        self._thread.join(WORKER_STOP_TIMEOUT_S + 10)
+
+
 def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str | Path | None = None,
           with_worker: bool = True) -> None:
     """Run the API (and, with ``with_worker``, one embedded Celery worker) until interrupted.
@@ -158,12 +210,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str | Path | None
     ensure_admin_key(settings)
     if settings.seed_dataset:
         ensure_seed_dataset(settings)
-    worker = start_worker(settings) if with_worker else None
+    supervisor = WorkerSupervisor(settings).start() if with_worker else None
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
-        if worker is not None:
-            stop_worker(worker)
+        if supervisor is not None:
+            supervisor.stop()
 
 
 def run_worker(data_dir: str | Path | None = None, loglevel: str = "INFO", hostname: str | None = None) -> None:

@@ -13,9 +13,10 @@ Life of a job (the ``jobs`` row is the system of record):
    pointer object), so a retried job resumes from its last finished epoch. The final
    checkpoint is uploaded completely before the ``models`` row is inserted, in the same
    transaction that marks the job succeeded.
-4. ``reap_stale_jobs`` (at worker start and periodically) finds ``running`` rows whose
-   heartbeat is too old - their worker died - and requeues them, or fails them after
-   ``max_attempts``. No job stays "running" forever.
+4. ``reap_stale_jobs`` (at worker start and periodically, in every worker and in every API
+   process, ``service.reaper``) finds ``running`` rows whose heartbeat is too old - their
+   worker died - and requeues them, or fails them after ``max_attempts``. No job stays
+   "running" forever, even when no worker is alive to notice.
 """
 
 from __future__ import annotations
@@ -448,7 +449,10 @@ def reap_stale_jobs(sessions: sessionmaker[Session], timeout_s: float, max_attem
                 log.warning("job %s: no heartbeat since %s -> %s", job.id, last_heartbeat, status)
                 changed.append((job.id, status))
                 if status == "queued":
-                    requeue(job)
+                    try:
+                        requeue(job)
+                    except Exception:  # a broker hiccup must not end the pass for the other jobs
+                        log.exception("job %s: requeued, but its message could not be sent", job.id)
     return changed
 
 

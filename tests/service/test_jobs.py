@@ -130,3 +130,15 @@ def test_reaper_requeues_then_fails_lost_jobs(tmp_path):
         assert session.get(Job, "lost3").error.startswith("worker lost")
         assert session.get(Job, "alive").status == "running"
     assert reap_stale_jobs(sessions, 60, 3, requeued.append) == []
+
+
+def test_the_api_requeues_a_lost_job_when_no_worker_is_alive(live_service):
+    """The reaper runs in the API process too: a job whose worker vanished is requeued within
+    the heartbeat timeout even when no worker is left to notice."""
+    svc = live_service("embedded", workers=0, heartbeat_timeout_s=2.0)
+    with make_sessionmaker(make_engine(svc.settings.database_url))() as session:
+        session.add(Job(id="lostjob", kind="train", status="running", params={}, attempts=1,
+                        heartbeat_at=utcnow() - dt.timedelta(minutes=1), owner_id=svc.admin_id))
+        session.commit()
+    job = svc.wait_job("lostjob", until=lambda j: j["status"] != "running", timeout=15)
+    assert job["status"] == "queued" and job["attempts"] == 1

@@ -25,8 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
+    """Child processes of ``pid``, whichever of its threads started them."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return sorted(set(out))
 
 
 def test_serve_seeds_a_dataset_and_runs_a_worker(tmp_path):
@@ -105,3 +111,82 @@ def test_serve_seeds_a_dataset_and_runs_a_worker(tmp_path):
 
     # A second start finds the dataset already there.
     assert ensure_seed_dataset(Settings(data_dir=tmp_path / "var")) is None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _worker_children(pid: int) -> list[int]:
+    return [c for c in _children(pid) if "worker.launch" in _cmdline(c)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_serve_respawns_a_killed_worker_and_its_job_succeeds(tmp_path):
+    """`kill -9` of the embedded worker mid-training: `serve` starts a new worker, the API's
+    reaper requeues the job once its heartbeat is stale, and it resumes and succeeds with no
+    restart by hand. Then `serve` itself is SIGKILLed: its worker does not outlive it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTACT_")}
+    env.update(ROBUSTACT_WORKER_TORCH_THREADS="1", ROBUSTACT_HEARTBEAT_TIMEOUT_S="4",
+               ROBUSTACT_HEARTBEAT_INTERVAL_S="0.5", ROBUSTACT_DECODE_WORKERS="1")
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"from service.runner import serve; serve(port={port}, data_dir={str(tmp_path / 'var')!r})"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    survivors: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        client.headers["Authorization"] = f"Bearer {(tmp_path / 'var' / 'admin.key').read_text().strip()}"
+        r = client.post("/v1/jobs", json={"kind": "train", "dataset_id": SEED_DATASET, "defence": "at-rs",
+                                          "attack": {"steps": 2}, "epochs": 6, "max_samples": 10, "batch_size": 2})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 180
+        while True:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] == "running" and (job["progress"] or {}).get("epoch", 0) >= 1:
+                break
+            assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+            time.sleep(0.2)
+        [first] = _worker_children(proc.pid)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not [w for w in _worker_children(proc.pid) if w != first and not _gone(w)]:
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.2)
+        deadline = time.monotonic() + 240
+        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["status"] == "succeeded" and job["attempts"] == 2, (job, (tmp_path / "serve.log").read_text()[-3000:])
+        assert "starting a new one" in (tmp_path / "serve.log").read_text()
+        survivors = _children(proc.pid)  # the new worker and the decoder child
+        assert survivors
+    finally:
+        client.close()
+        proc.kill()  # no chance to stop anything
+        proc.wait(30)
+        log.close()
+    deadline = time.monotonic() + 20
+    while not all(_gone(pid) for pid in survivors):
+        assert time.monotonic() < deadline, [(pid, _cmdline(pid)) for pid in survivors if not _gone(pid)]
+        time.sleep(0.2)

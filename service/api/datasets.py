@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from sqlalchemy import exists, func, select
@@ -25,7 +26,8 @@ from models.data import ntu
 from service.api.deps import SessionDep, SettingsDep, invalid
 from service.api.shares import ShareCreate, ShareList, add_share, delete_shares, remove_share, shares_of
 from service.auth import Caller, CallerDep, can_read, not_found, require_admin, require_owner, scoped
-from service.db import Dataset, Job, Model, Report
+from service.db import Dataset, Job, Model, Report, new_id
+from service.idempotency import IdempotencyHeader, create_once, remember
 from service.schemas import MAX_OFFSET, DatasetCreate, DatasetList, DatasetPublic, Links
 from service.settings import Settings
 from service.store import StoreError, open_store
@@ -149,13 +151,16 @@ def inspect_dataset(body: DatasetCreate, settings: Settings) -> tuple[str, dict]
     return location, info
 
 
-def register_dataset(session: Session, body: DatasetCreate, settings: Settings, owner_id: str | None) -> Dataset:
+def register_dataset(session: Session, body: DatasetCreate, settings: Settings, owner_id: str | None,
+                     before_commit: Callable[[Dataset], None] | None = None) -> Dataset:
     if session.scalar(select(exists().where(Dataset.name == body.name))):
         raise HTTPException(status_code=409, detail=f"a dataset named {body.name!r} already exists")
     location, info = inspect_dataset(body, settings)
-    row = Dataset(name=body.name, format=body.format, location=location, protocol=body.protocol, info=info,
-                  owner_id=owner_id)
+    row = Dataset(id=new_id(), name=body.name, format=body.format, location=location, protocol=body.protocol,
+                  info=info, owner_id=owner_id)
     session.add(row)
+    if before_commit is not None:
+        before_commit(row)
     session.commit()
     return row
 
@@ -188,12 +193,22 @@ def dataset_public(row: Dataset, caller: Caller) -> DatasetPublic:
 @router.post("", status_code=201, response_model=DatasetPublic,
              responses={403: {"description": "not an admin key"}})
 def create_dataset(body: DatasetCreate, caller: CallerDep, session: SessionDep, settings: SettingsDep,
-                   response: Response):
+                   response: Response, idempotency_key: str | None = IdempotencyHeader):
     """Register a dataset at a server path or bucket inside the configured roots (admin keys)."""
     require_admin(caller, "registering a dataset by server path or bucket")
-    row = register_dataset(session, body, settings, owner_id=caller.id)
-    response.headers["Location"] = f"/v1/datasets/{row.id}"
-    return dataset_public(row, caller)
+    route = "POST /v1/datasets"
+
+    def create(digest: str) -> DatasetPublic:
+        row = register_dataset(session, body, settings, owner_id=caller.id, before_commit=lambda row: remember(
+            session, caller, idempotency_key, route, digest, f"datasets/{row.id}"))
+        return dataset_public(row, caller)
+
+    def replay(resource: str) -> DatasetPublic:
+        return dataset_public(dataset_or_404(session, resource.split("/", 1)[1], caller), caller)
+
+    result = create_once(session, caller, idempotency_key, route, body.model_dump(mode="json"), create, replay)
+    response.headers["Location"] = f"/v1/datasets/{result.id}"
+    return result
 
 
 @router.get("", response_model=DatasetList)

@@ -21,6 +21,7 @@ from models.evaluate import build_suite, check_suite, default_strategy
 from service.api.datasets import dataset_or_404
 from service.api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, invalid
 from service.auth import Caller, CallerDep, get_visible, scoped
+from service.idempotency import IdempotencyHeader, create_once, remember
 from service.db import FINISHED, ApiKey, Dataset, Job, JobGroup, Model, Report, new_id, utcnow
 from service.schemas import MAX_OFFSET
 from service.settings import Settings
@@ -216,12 +217,22 @@ def submit_jobs(session: Session, celery, jobs: list[Job], group: JobGroup | Non
 @router.post("", status_code=202, response_model=JobPublic,
              responses={429: {"description": "the key's quota of queued + running jobs is used up"}})
 def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
-               response: Response):
-    job = new_job(session, body, caller)
-    check_quota(session, caller, settings, jobs=1)
-    submit_jobs(session, celery, [job])
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_public(job)
+               response: Response, idempotency_key: str | None = IdempotencyHeader):
+    route = "POST /v1/jobs"
+
+    def create(digest: str) -> JobPublic:
+        job = new_job(session, body, caller)
+        check_quota(session, caller, settings, jobs=1)
+        remember(session, caller, idempotency_key, route, digest, f"jobs/{job.id}")
+        submit_jobs(session, celery, [job])
+        return job_public(job)
+
+    def replay(resource: str) -> JobPublic:
+        return _public(session, get_visible(session, Job, resource.split("/", 1)[1], caller, "job"))
+
+    result = create_once(session, caller, idempotency_key, route, body.model_dump(mode="json"), create, replay)
+    response.headers["Location"] = f"/v1/jobs/{result.id}"
+    return result
 
 
 @router.get("", response_model=JobList)

@@ -27,6 +27,7 @@ from service.api.jobs import check_quota, new_job, submit_jobs
 from service.api.reports import render_views, report_document
 from service.auth import Caller, CallerDep, get_visible, scoped
 from service.db import FINISHED, Job, JobGroup, Model, Report, new_id, utcnow
+from service.idempotency import IdempotencyHeader, create_once, remember
 from service.schemas import MAX_OFFSET
 from service.schemas import (EvaluateJobCreate, Links, SweepCounts, SweepCreate, SweepJob, SweepList, SweepPublic,
                              TrainJobCreate)
@@ -178,21 +179,31 @@ def sweep_public(session, group: JobGroup, with_jobs: bool = True) -> SweepPubli
 @router.post("", status_code=202, response_model=SweepPublic,
              responses={429: {"description": "the key's quota of active sweeps is used up"}})
 def create_sweep(body: SweepCreate, caller: CallerDep, session: SessionDep, settings: SettingsDep, celery: CeleryDep,
-                 response: Response):
+                 response: Response, idempotency_key: str | None = IdempotencyHeader):
     """Validate every combination, then create the group and its jobs at once and queue them."""
-    built = build_jobs(session, body, caller)
-    check_quota(session, caller, settings, sweeps=1)
-    name = body.name or body.preset or f"{body.kind} over {' × '.join(body.grid)}"
-    group = JobGroup(id=new_id(), name=name[:200], kind=body.kind, owner_id=caller.id,
-                     grid={"preset": body.preset, "base": body.base, "grid": body.grid,
-                           "combinations": [varied for varied, _ in built]})
-    jobs = []
-    for index, (varied, job) in enumerate(built):
-        job.params = {**job.params, "sweep": {"group_id": group.id, "index": index, "varied": varied}}
-        jobs.append(job)
-    submit_jobs(session, celery, jobs, group=group)
-    response.headers["Location"] = f"/v1/sweeps/{group.id}"
-    return sweep_public(session, group)
+    route = "POST /v1/sweeps"
+
+    def create(digest: str) -> SweepPublic:
+        built = build_jobs(session, body, caller)
+        check_quota(session, caller, settings, sweeps=1)
+        name = body.name or body.preset or f"{body.kind} over {' × '.join(body.grid)}"
+        group = JobGroup(id=new_id(), name=name[:200], kind=body.kind, owner_id=caller.id,
+                         grid={"preset": body.preset, "base": body.base, "grid": body.grid,
+                               "combinations": [varied for varied, _ in built]})
+        jobs = []
+        for index, (varied, job) in enumerate(built):
+            job.params = {**job.params, "sweep": {"group_id": group.id, "index": index, "varied": varied}}
+            jobs.append(job)
+        remember(session, caller, idempotency_key, route, digest, f"sweeps/{group.id}")
+        submit_jobs(session, celery, jobs, group=group)
+        return sweep_public(session, group)
+
+    def replay(resource: str) -> SweepPublic:
+        return sweep_public(session, get_visible(session, JobGroup, resource.split("/", 1)[1], caller, "sweep"))
+
+    result = create_once(session, caller, idempotency_key, route, body.model_dump(mode="json"), create, replay)
+    response.headers["Location"] = f"/v1/sweeps/{result.id}"
+    return result
 
 
 @router.get("", response_model=SweepList)

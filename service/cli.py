@@ -304,9 +304,12 @@ def serve(
     worker: Annotated[bool, typer.Option(help="Also start a Celery worker process (off in compose, where workers are separate).")] = True,
 ):
     """Run the REST API (and, by default, an embedded Celery worker)."""
-    from service.runner import serve as run_server
+    from service.runner import StartupError, serve as run_server
 
-    run_server(host=host, port=port, data_dir=data_dir, with_worker=worker)
+    try:
+        run_server(host=host, port=port, data_dir=data_dir, with_worker=worker)
+    except StartupError as e:
+        _fail(str(e))
 
 
 @app.command("worker")
@@ -314,9 +317,12 @@ def worker_command(
     data_dir: Annotated[Path, typer.Option(help="Data directory for embedded defaults (ignored when ROBUSTACT_* URLs are set).")] = Path("./var"),
 ):
     """Run a Celery worker that executes training and evaluation jobs."""
-    from service.runner import run_worker
+    from service.runner import StartupError, run_worker
 
-    run_worker(data_dir=data_dir)
+    try:
+        run_worker(data_dir=data_dir)
+    except StartupError as e:
+        _fail(str(e))
 
 
 DataDirOption = Annotated[Path, typer.Option(help="Data directory of the service (embedded defaults; ROBUSTACT_* "

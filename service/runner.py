@@ -42,6 +42,59 @@ def _settings(data_dir: str | Path | None) -> Settings:
     return settings
 
 
+class StartupError(RuntimeError):
+    """A backend ``serve`` or ``worker`` needs is missing; the message says which and how to fix it."""
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def check_backends(settings: Settings, broker: bool = True) -> None:
+    """Reach the database, the object store and (``broker``) the broker once, with short
+    timeouts; raise :class:`StartupError` naming the first that fails, instead of letting a
+    traceback from deep inside a driver end the process."""
+    from sqlalchemy import text
+
+    from service.store import open_store
+
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as e:
+        raise StartupError(f"cannot reach the database {_redacted(settings.database_url)} ({_first_line(e)}); "
+                           "start it and create the database, or set ROBUSTACT_DATABASE_URL") from None
+    finally:
+        engine.dispose()
+    try:
+        open_store(settings.store_url, settings.s3_endpoint_url, settings.s3_region).ping()
+    except Exception as e:
+        where = f" at {settings.s3_endpoint_url}" if settings.s3_endpoint_url else ""
+        raise StartupError(f"cannot use the object store {settings.store_url}{where} ({_first_line(e)}); create "
+                           "the bucket and give these credentials access (AWS_* variables), or set "
+                           "ROBUSTACT_STORE_URL / ROBUSTACT_S3_ENDPOINT_URL") from None
+    if broker:
+        from worker.celery_app import make_celery
+
+        try:
+            with make_celery(settings).connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=5)
+        except Exception as e:
+            raise StartupError(f"cannot reach the broker {_redacted(settings.broker_url)} ({_first_line(e)}); "
+                               "start it, or set ROBUSTACT_BROKER_URL") from None
+
+
 def ensure_admin_key(settings: Settings) -> Path | None:
     """Create the first admin key when the database has no key at all; it goes to
     ``DATA_DIR/admin.key`` (mode 0600). Returns that path when a key was made."""
@@ -203,9 +256,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str | Path | None
     from service.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for noisy in ("alembic", "botocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = _settings(data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    check_backends(settings)
     migrate(settings.database_url)
     ensure_admin_key(settings)
     if settings.seed_dataset:
@@ -222,6 +277,7 @@ def run_worker(data_dir: str | Path | None = None, loglevel: str = "INFO", hostn
     """Run one Celery worker in this process (``robustact worker``) until interrupted:
     solo pool, prefetch 1, acks late, CUDA when present. Settings from ``ROBUSTACT_*``."""
     settings = _settings(data_dir)
+    check_backends(settings)
     migrate(settings.database_url)
     from worker.celery_app import app, broker_transport_options
 

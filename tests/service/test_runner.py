@@ -190,3 +190,20 @@ def test_serve_respawns_a_killed_worker_and_its_job_succeeds(tmp_path):
     while not all(_gone(pid) for pid in survivors):
         assert time.monotonic() < deadline, [(pid, _cmdline(pid)) for pid in survivors if not _gone(pid)]
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_missing_backend_is_one_clear_line(command, tmp_path, s3_endpoint):
+    """No traceback: exit 2 and one line naming the backend (password hidden) and the fix."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTACT_")}
+    cases = [({"ROBUSTACT_DATABASE_URL": "postgresql+psycopg://app:s3cret@127.0.0.1:9/robustact"},
+              "cannot reach the database postgresql+psycopg://app:***@127.0.0.1:9/robustact"),
+             ({"ROBUSTACT_STORE_URL": "s3://no-such-bucket-here/x", "ROBUSTACT_S3_ENDPOINT_URL": s3_endpoint},
+              "cannot use the object store s3://no-such-bucket-here/x")]
+    for extra, words in cases:
+        done = subprocess.run([sys.executable, "-m", "service.cli", command, "--data-dir", str(tmp_path / "var")],
+                              cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], done.stderr
+        assert "s3cret" not in done.stderr and "Traceback" not in done.stderr

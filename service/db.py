@@ -229,6 +229,19 @@ def alembic_config(url: str):
     return cfg
 
 
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block: one
+    process at a time on this host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # Key of the Postgres advisory lock held while migrating (any constant no other code uses).
 MIGRATION_LOCK_KEY = 0x726F627573746163  # "robustac"
 
@@ -244,14 +257,8 @@ def migration_lock(url: str) -> Iterator[None]:
         if not path or path == ":memory:":
             yield
             return
-        lock_path = Path(path + ".migrate.lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(Path(path + ".migrate.lock")):
+            yield
         return
     if not url.startswith("postgresql"):
         yield

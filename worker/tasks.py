@@ -22,7 +22,6 @@ Life of a job (the ``jobs`` row is the system of record):
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import functools
 import io
 import json
@@ -31,7 +30,6 @@ import shutil
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +38,7 @@ from celery import signals
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import Dataset, Job, Model, Report, make_engine, make_sessionmaker, new_id, utcnow
+from service.db import Dataset, Job, Model, Report, file_lock, make_engine, make_sessionmaker, new_id, utcnow
 from service.settings import Settings
 from service.store import CLIPS_FILE, ObjectNotFound, Store, clips_key, materialize_dir, open_store
 from worker.celery_app import EVALUATE_TASK, TASK_FOR_KIND, TRAIN_TASK, app
@@ -209,25 +207,13 @@ def _upload_log(ctx: Context, job_id: str, path: Path) -> None:
 # Data and checkpoints on local disk
 
 
-@contextmanager
-def _file_lock(path: Path):
-    """Serialise workers on one host that prepare the same cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def dataset_root(ctx: Context, dataset: Dataset) -> Path:
     """A local directory with the dataset's NTU layout (downloaded once from s3://)."""
     if not dataset.location.startswith("s3://"):
         return Path(dataset.location)
     target = ctx.settings.cache_dir / "datasets" / dataset.id / "source"
     source = open_store(dataset.location, ctx.settings.s3_endpoint_url, ctx.settings.s3_region)
-    with _file_lock(target.with_name("source.lock")):
+    with file_lock(target.with_name("source.lock")):
         return materialize_dir(source, "", target)
 
 
@@ -238,7 +224,7 @@ def prepared_cache(ctx: Context, dataset: Dataset, model_cfg, run: "JobRun") -> 
 
     geometry = f"{model_cfg.rgb_frames}f{model_cfg.rgb_size}px{model_cfg.skel_frames}s"
     cache = ctx.settings.cache_dir / "datasets" / dataset.id / geometry
-    with _file_lock(cache.with_name(geometry + ".lock")):
+    with file_lock(cache.with_name(geometry + ".lock")):
         if not (cache / META_FILE).is_file():
             log.info("preparing %s (%s) into %s", dataset.name, dataset.location, cache)
             prepare(dataset_root(ctx, dataset), cache, rgb_frames=model_cfg.rgb_frames,

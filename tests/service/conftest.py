@@ -88,6 +88,19 @@ def make_settings(backend: str, data_dir: Path, request: pytest.FixtureRequest, 
     return Settings(**values)
 
 
+def dataset_location(svc: "LiveService", backend: str, root: Path) -> str:
+    """Where to register the dataset at ``root``: the directory itself, or on the servers
+    backend a copy uploaded under STORE_URL/datasets (a default dataset root) so that the
+    workers read it from S3."""
+    if backend != "servers":
+        return str(root)
+    from service.store import open_store
+
+    location = f"{svc.settings.store_url}/datasets/{root.name}"
+    open_store(location, endpoint_url=svc.settings.s3_endpoint_url).put_dir("", root)
+    return location
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

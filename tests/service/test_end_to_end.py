@@ -12,20 +12,15 @@ import numpy as np
 import pytest
 
 from models.data import ntu
+from tests.service.conftest import dataset_location
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _register(svc, backend, root, s3_bucket=None) -> dict:
-    location = str(root)
-    if backend == "servers":
-        # A dataset that lives in S3 too: the worker downloads it once into its cache.
-        from service.store import open_store
-
-        # Under STORE_URL/datasets, one of the default dataset roots.
-        location = f"{svc.settings.store_url}/datasets/tiny3"
-        open_store(location, endpoint_url=svc.settings.s3_endpoint_url).put_dir("", root)
-    r = svc.client.post("/v1/datasets", json={"name": "tiny3", "format": "synthetic", "location": location})
+def _register(svc, backend, root) -> dict:
+    # On the servers backend the dataset lives in S3 too: the worker downloads it once into its cache.
+    r = svc.client.post("/v1/datasets", json={"name": "tiny3", "format": "synthetic",
+                                              "location": dataset_location(svc, backend, root)})
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -40,8 +35,7 @@ def test_train_evaluate_report_classify(backend, live_service, synthetic_root, r
     assert ready.status_code == 200, ready.text
     assert set(ready.json()["checks"]) == {"database", "broker", "store"}
 
-    dataset = _register(svc, backend, synthetic_root,
-                        request.getfixturevalue("s3_bucket") if backend == "servers" else None)
+    dataset = _register(svc, backend, synthetic_root)
     assert dataset["num_classes"] == 3 and dataset["class_names"] == ntu.class_names(synthetic_root)
     assert dataset["splits"]["xsub"] == {"train": 18, "test": 6}
     assert c.get(f"/v1/datasets/{dataset['id']}").json()["id"] == dataset["id"]

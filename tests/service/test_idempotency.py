@@ -8,6 +8,8 @@ import threading
 
 import pytest
 
+from tests.service.conftest import dataset_location
+
 pytestmark = pytest.mark.integration
 
 
@@ -15,13 +17,7 @@ pytestmark = pytest.mark.integration
 def test_retried_posts_create_once(backend, live_service, synthetic_root):
     svc = live_service(backend, workers=0)
     c = svc.client
-    location = str(synthetic_root)
-    if backend == "servers":
-        from service.store import open_store
-
-        location = f"{svc.settings.store_url}/datasets/tiny3"
-        open_store(location, endpoint_url=svc.settings.s3_endpoint_url).put_dir("", synthetic_root)
-    dataset = {"name": "tiny3", "format": "synthetic", "location": location}
+    dataset = {"name": "tiny3", "format": "synthetic", "location": dataset_location(svc, backend, synthetic_root)}
     first = c.post("/v1/datasets", json=dataset, headers={"Idempotency-Key": "d-1"})
     again = c.post("/v1/datasets", json=dataset, headers={"Idempotency-Key": "d-1"})
     assert first.status_code == again.status_code == 201, again.text  # not "already exists"

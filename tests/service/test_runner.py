@@ -35,25 +35,35 @@ def _children(pid: int) -> list[int]:
     return sorted(set(out))
 
 
-def test_serve_seeds_a_dataset_and_runs_a_worker(tmp_path):
+def _start_serve(tmp_path: Path, **settings: str) -> tuple[subprocess.Popen, httpx.Client, object]:
+    """``serve`` in a subprocess on a free port with ``ROBUSTACT_*`` ``settings`` (and nothing
+    else from this environment), once ``/readyz`` answers 200: (process, client, log file)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTACT_")}
     env["ROBUSTACT_WORKER_TORCH_THREADS"] = "1"  # the API, the worker and pytest share the cores
+    env.update({f"ROBUSTACT_{k.upper()}": v for k, v in settings.items()})
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-c", f"from service.runner import serve; serve(port={port}, data_dir={str(tmp_path / 'var')!r})"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if client.get("/readyz").status_code == 200:
+                return proc, client, log
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError((tmp_path / "serve.log").read_text())
+        time.sleep(0.2)
+
+
+def test_serve_seeds_a_dataset_and_runs_a_worker(tmp_path):
+    proc, client, log = _start_serve(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTACT_")}
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.2)
         assert client.get("/v1/datasets").status_code == 401  # no key
         key_file = tmp_path / "var" / "admin.key"
         assert key_file.stat().st_mode & 0o777 == 0o600
@@ -135,26 +145,10 @@ def test_serve_respawns_a_killed_worker_and_its_job_succeeds(tmp_path):
     """`kill -9` of the embedded worker mid-training: `serve` starts a new worker, the API's
     reaper requeues the job once its heartbeat is stale, and it resumes and succeeds with no
     restart by hand. Then `serve` itself is SIGKILLed: its worker does not outlive it."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTACT_")}
-    env.update(ROBUSTACT_WORKER_TORCH_THREADS="1", ROBUSTACT_HEARTBEAT_TIMEOUT_S="4",
-               ROBUSTACT_HEARTBEAT_INTERVAL_S="0.5", ROBUSTACT_DECODE_WORKERS="1")
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", f"from service.runner import serve; serve(port={port}, data_dir={str(tmp_path / 'var')!r})"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    proc, client, log = _start_serve(tmp_path, heartbeat_timeout_s="4", heartbeat_interval_s="0.5",
+                                     decode_workers="1")
     survivors: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.2)
         client.headers["Authorization"] = f"Bearer {(tmp_path / 'var' / 'admin.key').read_text().strip()}"
         r = client.post("/v1/jobs", json={"kind": "train", "dataset_id": SEED_DATASET, "defence": "at-rs",
                                           "attack": {"steps": 2}, "epochs": 6, "max_samples": 10, "batch_size": 2})

@@ -18,7 +18,7 @@ from service.app import create_app
 from service.db import Report, make_engine, make_sessionmaker
 from service.settings import Settings
 from service.store import open_store
-from tests.service.conftest import TEST_SETTINGS, authorize, new_key
+from tests.service.conftest import TEST_SETTINGS, authorize, dataset_location, new_key
 
 pytestmark = pytest.mark.integration
 
@@ -185,10 +185,7 @@ def test_objects_of_one_key_are_invisible_to_another(backend, live_service, synt
     admin = svc.client
     alice, alice_id = svc.key_client("alice")
     bob, bob_id = svc.key_client("bob")
-    location = str(synthetic_root)
-    if backend == "servers":
-        location = f"{svc.settings.store_url}/datasets/tiny3"
-        open_store(location, endpoint_url=svc.settings.s3_endpoint_url).put_dir("", synthetic_root)
+    location = dataset_location(svc, backend, synthetic_root)
     r = admin.post("/v1/datasets", json={"name": "tiny3", "format": "synthetic", "location": location})
     assert r.status_code == 201, r.text
     dataset = r.json()
@@ -269,10 +266,7 @@ def test_objects_of_one_key_are_invisible_to_another(backend, live_service, synt
 def test_quotas_answer_429_and_create_nothing(backend, live_service, synthetic_root):
     svc = live_service(backend, workers=0)
     admin = svc.client
-    location = str(synthetic_root)
-    if backend == "servers":
-        location = f"{svc.settings.store_url}/datasets/tiny3"
-        open_store(location, endpoint_url=svc.settings.s3_endpoint_url).put_dir("", synthetic_root)
+    location = dataset_location(svc, backend, synthetic_root)
     dataset = admin.post("/v1/datasets", json={"name": "tiny3", "format": "synthetic", "location": location}).json()
     admin.post(f"/v1/datasets/{dataset['id']}/shares", json={"all": True})
     carol, carol_id = svc.key_client("carol", max_active_jobs=3, max_active_sweeps=1)

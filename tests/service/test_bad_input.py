@@ -53,21 +53,22 @@ def api(tmp_path_factory, synthetic_root, upload_tmp):
         yield client
 
 
-def _tiny_model(settings: Settings, dataset: dict) -> str:
-    """A randomly initialised tiny fusion model registered the way the worker does it."""
+def _tiny_model(settings: Settings, dataset: dict, owner_id: str | None = None, name: str = "random-tiny") -> str:
+    """A randomly initialised tiny fusion model registered the way the worker does it,
+    owned by ``owner_id``."""
     from models.checkpoint import save_checkpoint
     from models.config import TrainConfig, preset_config
     from models.fusion import build_model
 
     cfg = preset_config("tiny", num_classes=dataset["num_classes"], num_amr=1)
-    directory = settings.data_dir / "ckpt"
+    directory = settings.data_dir / f"ckpt-{name}"
     save_checkpoint(directory, build_model(cfg), {
         "model": cfg.to_dict(), "preset": "tiny", "class_names": dataset["class_names"],
         "normalisation": {"skel_min": [-1.5, -1.5, 1.5], "skel_max": [1.5, 1.5, 4.5]},
         "train": TrainConfig().to_dict()})
     with make_sessionmaker(make_engine(settings.database_url))() as session:
-        model = add_model(session, open_store(settings.store_url, settings.s3_endpoint_url), directory, "random-tiny",
-                          dataset_id=dataset["id"])
+        model = add_model(session, open_store(settings.store_url, settings.s3_endpoint_url), directory, name,
+                          dataset_id=dataset["id"], owner_id=owner_id)
         session.commit()
         model_id = model.id
     return model_id

@@ -8,7 +8,6 @@ import json
 import os
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,39 +18,10 @@ from service.db import Report, make_engine, make_sessionmaker
 from service.settings import Settings
 from service.store import open_store
 from tests.service.conftest import TEST_SETTINGS, authorize, dataset_location, new_key
+from tests.service.test_bad_input import _tiny_model
+from tests.service.test_uploads import rss_mb
 
 pytestmark = pytest.mark.integration
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def _model(settings: Settings, dataset: dict, owner_id: str, name: str) -> str:
-    """A randomly initialised tiny model registered the way the worker does it, owned by
-    ``owner_id``."""
-    from models.checkpoint import save_checkpoint
-    from models.config import TrainConfig, preset_config
-    from models.fusion import build_model
-    from worker.tasks import add_model
-
-    cfg = preset_config("tiny", num_classes=dataset["num_classes"], num_amr=0)
-    directory = settings.data_dir / f"ckpt-{name}"
-    save_checkpoint(directory, build_model(cfg), {
-        "model": cfg.to_dict(), "preset": "tiny", "class_names": dataset["class_names"],
-        "normalisation": {"skel_min": [-1.5, -1.5, 1.5], "skel_max": [1.5, 1.5, 4.5]},
-        "train": TrainConfig().to_dict()})
-    engine = make_engine(settings.database_url)
-    with make_sessionmaker(engine)() as session:
-        model = add_model(session, open_store(settings.store_url, settings.s3_endpoint_url), directory, name,
-                          dataset_id=dataset["id"], owner_id=owner_id)
-        session.commit()
-        model_id = model.id
-    engine.dispose()
-    return model_id
 
 
 def _report(settings: Settings, model_id: str, dataset_id: str, owner_id: str) -> str:
@@ -208,7 +178,7 @@ def test_objects_of_one_key_are_invisible_to_another(backend, live_service, synt
     sweep = alice.post("/v1/sweeps", json={"kind": "train", "base": {"dataset_id": "tiny3"}, "grid": {"seed": [0, 1]}})
     assert sweep.status_code == 202, sweep.text
     sweep = sweep.json()
-    model_id = _model(svc.settings, dataset, alice_id, "alice-model")
+    model_id = _tiny_model(svc.settings, dataset, alice_id, "alice-model")
     report_id = _report(svc.settings, model_id, dataset["id"], alice_id)
     own = {"jobs": job["id"], "sweeps": sweep["id"], "models": model_id, "reports": report_id}
     assert alice.get(f"/v1/models/{model_id}").json()["owner_id"] == alice_id
@@ -333,7 +303,7 @@ def test_chunked_upload_over_the_limit_is_413_and_the_api_stays_small(live_servi
 
     prober = threading.Thread(target=probe)
     prober.start()
-    before = _rss_mb()
+    before = rss_mb()
     t0 = time.monotonic()
     try:
         r = svc.client.post("/v1/models/nope/classify", content=body(),
@@ -345,7 +315,7 @@ def test_chunked_upload_over_the_limit_is_413_and_the_api_stays_small(live_servi
     elapsed = time.monotonic() - t0
     assert status == 413 and "64 MiB" in detail, detail
     assert elapsed < 30 and alive["ok"]
-    assert _rss_mb() - before < 150, (before, _rss_mb())  # the body was never held in memory
+    assert rss_mb() - before < 150, (before, rss_mb())  # the body was never held in memory
     assert svc.client.get("/v1/keys/me").status_code == 200
 
 

@@ -1,4 +1,4 @@
-"""Tables (API keys, datasets, job groups, jobs, models, reports, shares), engine and sessions. SQLite and Postgres share
+"""Tables (API keys, datasets, job groups, jobs, workers, models, reports, shares), engine and sessions. SQLite and Postgres share
 this one code path; the schema itself is created by the Alembic migrations in
 ``migrations/`` (``migrate()``), never by ``create_all``.
 
@@ -158,6 +158,26 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     group_id: Mapped[str | None] = mapped_column(ForeignKey("job_groups.id"), index=True)  # its sweep, if any
+    # The outbox: when the job's message was last handed to the broker (NULL: not yet, or the
+    # send failed). A queued job unsent for a grace period is sent again by the reaper.
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # ``attempts`` only grows (it is the ownership token of a run); a retry by a user sets
+    # ``attempt_base`` to it, so the lost-worker budget counts ``attempts - attempt_base``.
+    attempt_base: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class Worker(Base):
+    """A worker process seen alive: it refreshes ``seen_at`` every heartbeat interval and
+    deletes its row when it stops. ``/readyz`` and ``/metrics`` read this table."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # Celery's node name
+    hostname: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    job_id: Mapped[str | None] = mapped_column(String(32))  # the job it runs, if any
 
 
 class Model(Base):

@@ -26,7 +26,9 @@ from service.auth import get_caller
 from service.classify import ModelCache
 from service.db import make_engine, make_sessionmaker, migrate
 from service.decoder import make_decoder_pool
+from service.metrics import install_metrics
 from service.middleware import Admission, Admit, Authenticate, LimitBody
+from service.backends import is_outage
 from service.reaper import Reaper
 from service.settings import Settings
 from service.store import StoreUnavailable, open_store
@@ -88,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(LimitBody, upload_bytes=settings.max_upload_bytes, body_bytes=settings.max_body_bytes)
     app.add_middleware(Admit, admission=app.state.admission, retry_after_s=settings.busy_retry_after_s)
     app.add_middleware(Authenticate)
+    install_metrics(app, settings)  # GET /metrics; its HTTP middleware is outermost, so it sees every answer
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -98,7 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(sa_exc.DBAPIError)
     async def database_error(request: Request, exc: sa_exc.DBAPIError):
         # A dropped or refused connection is an outage, not a bug: 503, and the client may retry.
-        if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)) or exc.connection_invalidated:
+        if is_outage(exc):
             log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
                         str(exc.orig).splitlines()[0] if exc.orig else exc)
             return _unavailable("the database", exc)

@@ -164,6 +164,9 @@ class Job(Base):
     # ``attempts`` only grows (it is the ownership token of a run); a retry by a user sets
     # ``attempt_base`` to it, so the lost-worker budget counts ``attempts - attempt_base``.
     attempt_base: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When it last entered ``queued`` (created, retried, or requeued after a lost worker):
+    # the start of the wait that ``queued_seconds`` measures.
+    queued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Worker(Base):

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from models.config import ARCHES, DEFENCES, MAX_QUERIES, MAX_STEPS, MODES, PRESETS
@@ -233,32 +233,50 @@ class EvaluateJobCreate(RequestBody):
 JobCreate = Annotated[TrainJobCreate | EvaluateJobCreate, Field(discriminator="kind")]
 
 
+class JobInputs(BaseModel):
+    """What the job reads. A training job has no input model: the model it produces is in
+    ``outputs``."""
+
+    dataset_id: str | None = Field(None, description="the dataset it trains or evaluates on")
+    model_id: str | None = Field(None, description="evaluation jobs only: the model evaluated")
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class JobOutputs(BaseModel):
-    model_id: str | None = None
-    report_id: str | None = None
+    model_id: str | None = Field(None, description="training jobs: the model it produced (once succeeded)")
+    report_id: str | None = Field(None, description="evaluation jobs: the report it wrote (once succeeded)")
 
 
 class JobTimings(BaseModel):
     created_at: dt.datetime
-    started_at: dt.datetime | None
+    queued_at: dt.datetime | None = Field(description="when it last entered the queue (created, retried or "
+                                                       "requeued after its worker was lost)")
+    sent_at: dt.datetime | None = Field(description="when its message last reached the broker; null while "
+                                                     "queued means it waits to be sent (the broker was "
+                                                     "unreachable): it is sent again automatically")
+    started_at: dt.datetime | None = Field(description="start of the current (last) attempt")
     finished_at: dt.datetime | None
     heartbeat_at: dt.datetime | None
-    queued_seconds: float | None
-    running_seconds: float | None
+    queued_seconds: float | None = Field(description="the wait from queued_at to the start of the current attempt")
+    running_seconds: float | None = Field(description="the current (last) attempt's running time")
 
 
 class JobPublic(BaseModel):
     id: str
     kind: str
     status: JobStatus
-    dataset_id: str | None
-    model_id: str | None = Field(description="the evaluated model (evaluation jobs)")
+    inputs: JobInputs
     params: dict[str, Any] = Field(description="the request and the fully resolved configs")
     group_id: str | None = Field(None, description="the sweep that launched it, if any")
     progress: dict[str, Any] | None
     error: str | None
     cancel_requested: bool
-    attempts: int
+    attempts: int = Field(description="attempts so far (every run counts, also those whose worker was lost)")
+    attempts_left: int = Field(description="runs left before a lost worker fails the job instead of requeueing "
+                                           "it; a retry gives the full budget again")
     worker: str | None
     timings: JobTimings
     outputs: JobOutputs

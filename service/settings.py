@@ -48,6 +48,16 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 10.0
     # A lost job is requeued until it has been attempted this many times, then failed.
     max_attempts: int = 3
+    # How long a worker keeps retrying a database or object-store write (progress, checkpoint,
+    # result) through an outage before it gives the job up (seconds).
+    outage_tolerance_s: float = 300.0
+    # A queued job whose message was not handed to the broker (the API died between commit and
+    # send, or the broker was down) is sent again by the reaper after this long (seconds); so
+    # are queued jobs whose messages the broker lost (it holds fewer than there are jobs).
+    outbox_grace_s: float = 60.0
+    # /readyz answers 503 unless this many workers were seen alive within the heartbeat
+    # timeout (0: an API deployed without workers of its own can be ready alone).
+    ready_min_workers: int = 1
     # Model downloads redirect to a presigned URL (S3 only) instead of streaming.
     presign_downloads: bool = False
     # --- access (issue 8)

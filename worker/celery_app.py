@@ -30,6 +30,13 @@ def broker_transport_options(broker_url: str) -> dict:
     return {}
 
 
+def queue_depth(celery: Celery, timeout_s: float = 5.0) -> int:
+    """Messages waiting in the job queue (delivered but unacknowledged ones not counted)."""
+    with celery.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=timeout_s)
+        return conn.default_channel.queue_declare(queue=QUEUE, durable=True, auto_delete=False).message_count
+
+
 def make_celery(settings: Settings, include_tasks: bool = False) -> Celery:
     app = Celery("robustact", broker=settings.broker_url, include=["worker.tasks"] if include_tasks else [])
     app.conf.update(

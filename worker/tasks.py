@@ -4,49 +4,62 @@
 Life of a job (the ``jobs`` row is the system of record):
 
 1. ``claim``: one atomic UPDATE moves the row from ``queued`` to ``running`` and bumps
-   ``attempts``; a duplicate delivery (acks-late redelivery, a requeue) finds nothing to
-   claim and returns. The attempt number is the run's ownership token: every later write
-   is conditional on it, so a run that was declared lost cannot overwrite its successor.
-2. While it runs, a heartbeat thread refreshes ``heartbeat_at``; progress callbacks write
-   ``progress`` (throttled) and the cancel flag is polled for ``should_stop``.
-3. Training uploads every epoch's ``last/`` checkpoint to the store (new prefix, then a
+   ``attempts``; a duplicate delivery (acks-late redelivery, a requeue, the outbox sending
+   again) finds nothing to claim and returns. The attempt number is the run's ownership
+   token: every later write is conditional on it, so a run that was declared lost cannot
+   overwrite its successor.
+2. The job's rows are read in short transactions and the session closed: no transaction
+   stays open while a job trains or attacks (hours on real data).
+3. While it runs, a heartbeat thread refreshes ``heartbeat_at`` and uploads the attempt's
+   log; progress callbacks write ``progress`` (throttled) and the cancel flag is polled for
+   ``should_stop``. Those writes are best effort: during a database outage training goes on
+   and the next write catches up.
+4. Training uploads every epoch's ``last/`` checkpoint to the store (new prefix, then a
    pointer object), so a retried job resumes from its last finished epoch. The final
    checkpoint is uploaded completely before the ``models`` row is inserted, in the same
-   transaction that marks the job succeeded.
-4. ``reap_stale_jobs`` (at worker start and periodically, in every worker and in every API
-   process, ``service.reaper``) finds ``running`` rows whose heartbeat is too old - their
-   worker died - and requeues them, or fails them after ``max_attempts``. No job stays
-   "running" forever, even when no worker is alive to notice.
+   transaction that marks the job succeeded. Uploads and the final write retry through a
+   backend outage of up to ``outage_tolerance_s`` (``service.backends.retrying``).
+5. ``service.reaper`` (in every worker and every API process) requeues a ``running`` job
+   whose heartbeat is too old - its worker died - and re-sends queued jobs whose message
+   may be lost. Each worker also records itself in ``workers`` every heartbeat interval,
+   which ``/readyz`` and ``/metrics`` read.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import io
 import json
 import logging
+import os
 import shutil
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from celery import signals
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import Dataset, Job, Model, Report, file_lock, make_engine, make_sessionmaker, new_id, utcnow
+from service.backends import is_outage, retrying
+from service.db import Dataset, Job, Model, Report, Worker, file_lock, make_engine, make_sessionmaker, new_id, utcnow
+from service.reaper import Reaper
 from service.settings import Settings
 from service.store import CLIPS_FILE, ObjectNotFound, Store, clips_key, materialize_dir, open_store
-from worker.celery_app import EVALUATE_TASK, TASK_FOR_KIND, TRAIN_TASK, app
+from worker.celery_app import EVALUATE_TASK, TRAIN_TASK, app
 
 log = logging.getLogger("robustact.worker")
 
 PROGRESS_EVERY_S = 1.0
 CANCEL_POLL_S = 1.0
+# A running attempt's log is uploaded this often (and at every epoch end), so the log of an
+# attempt whose worker was killed is kept up to its last minutes.
+LOG_UPLOAD_EVERY_S = 10.0
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,6 +67,22 @@ class Context:
     settings: Settings
     sessions: sessionmaker[Session]
     store: Store
+
+    def patient(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, retried through a database or store outage of up to ``outage_tolerance_s``."""
+        return retrying(fn, what, self.settings.outage_tolerance_s, log)
+
+    def read(self, table: type[T], key: str | None) -> T | None:
+        """A row by primary key, read in a short transaction (the object comes back detached,
+        its columns loaded)."""
+        if key is None:
+            return None
+
+        def get():
+            with self.sessions() as session:
+                return session.get(table, key)
+
+        return self.patient(f"read {table.__tablename__} {key}", get)
 
 
 @functools.cache
@@ -102,6 +131,10 @@ def finish(sessions: sessionmaker[Session], job_id: str, attempt: int, status: s
         return result.rowcount == 1
 
 
+def attempt_log_key(job_id: str, attempt: int) -> str:
+    return f"jobs/{job_id}/logs/attempt-{attempt:04d}.log"
+
+
 class JobRun:
     """Progress, cancellation, heartbeat and the log of one attempt at one job."""
 
@@ -111,6 +144,9 @@ class JobRun:
         self.lost = False
         self._last_progress_write = 0.0
         self._last_cancel_poll = 0.0
+        self._last_log_upload = 0.0
+        self._log_uploaded_size = -1
+        self._log_lock = threading.Lock()
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,12 +173,42 @@ class JobRun:
         if result.rowcount != 1:
             self.lost = True
 
+    def _try_write(self, what: str, **values: Any) -> None:
+        """A best-effort write: during an outage the job goes on, the next write catches up."""
+        try:
+            self._write(**values)
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            log.warning("job %s: %s not recorded, the database is unavailable (%s)", self.job_id, what,
+                        type(e).__name__)
+
     def _beat(self) -> None:
         while not self._stop.wait(self.ctx.settings.heartbeat_interval_s):
             try:
                 self._write(heartbeat_at=utcnow())
-            except Exception:  # a database hiccup must not kill the job; the next beat retries
-                log.exception("heartbeat of job %s failed", self.job_id)
+            except Exception as e:  # a database hiccup must not kill the job; the next beat retries
+                log.warning("heartbeat of job %s failed (%s: %s)", self.job_id, type(e).__name__, e)
+            if time.monotonic() - self._last_log_upload >= LOG_UPLOAD_EVERY_S:
+                self.upload_log()
+
+    def upload_log(self, strict: bool = False) -> bool:
+        """Put this attempt's log in the store (if it grew); False if that failed (``strict``:
+        raise instead)."""
+        with self._log_lock:
+            self._last_log_upload = time.monotonic()
+            try:
+                self._handler.flush()
+                size = self.log_path.stat().st_size
+                if size != self._log_uploaded_size:
+                    self.ctx.store.put_file(attempt_log_key(self.job_id, self.attempt), self.log_path)
+                    self._log_uploaded_size = size
+                return True
+            except Exception as e:
+                if strict:
+                    raise
+                log.warning("job %s: log not uploaded (%s: %s)", self.job_id, type(e).__name__, e)
+                return False
 
     def progress(self, info: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -151,14 +217,20 @@ class JobRun:
             log.info("progress %s", json.dumps(info, default=str))
         if epoch_end or now - self._last_progress_write >= PROGRESS_EVERY_S:
             self._last_progress_write = now
-            self._write(progress=_jsonable(info), heartbeat_at=utcnow())
+            self._try_write("progress", progress=_jsonable(info), heartbeat_at=utcnow())
+        if epoch_end:
+            self.upload_log()
 
     def should_stop(self) -> bool:
         now = time.monotonic()
         if not self.cancel_seen and now - self._last_cancel_poll >= CANCEL_POLL_S:
             self._last_cancel_poll = now
-            with self.ctx.sessions() as session:
-                self.cancel_seen = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+            try:
+                with self.ctx.sessions() as session:
+                    self.cancel_seen = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+            except Exception as e:
+                if not is_outage(e):
+                    raise
         return self.cancel_seen or self.lost
 
 
@@ -166,41 +238,78 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(info, default=str))
 
 
-def run_job(job_id: str, body: Callable[[Context, Job, JobRun, Session], None]) -> None:
+# The job this worker process runs now (the worker's heartbeat reports it).
+_current_job: str | None = None
+
+
+def run_job(job_id: str, body: Callable[[Context, Job, JobRun], None]) -> None:
+    global _current_job
     ctx = context()
-    attempt = claim(ctx.sessions, job_id, socket.gethostname())
+    attempt = ctx.patient(f"job {job_id}: claim", lambda: claim(ctx.sessions, job_id, socket.gethostname()))
     if attempt is None:
         log.info("job %s: nothing to claim (finished, cancelled or running elsewhere)", job_id)
         return
     work = ctx.settings.cache_dir / "jobs" / job_id
-    run = JobRun(ctx, job_id, attempt, work / "job.log")
-    with run:
-        log.info("job %s: attempt %d on %s", job_id, attempt, socket.gethostname())
-        try:
-            with ctx.sessions() as session:
-                job = session.get(Job, job_id)
-                body(ctx, job, run, session)
-        except Exception as e:
-            from models.evaluate import EvaluationCancelled
-            from models.train import TrainingCancelled
+    run = JobRun(ctx, job_id, attempt, work / f"attempt-{attempt}.log")
+    _current_job = job_id
+    try:
+        with run:
+            log.info("job %s: attempt %d on %s", job_id, attempt, socket.gethostname())
+            try:
+                job = ctx.read(Job, job_id)
+                body(ctx, job, run)
+            except Exception as e:
+                from models.evaluate import EvaluationCancelled
+                from models.train import TrainingCancelled
 
-            if run.cancel_seen or isinstance(e, (TrainingCancelled, EvaluationCancelled)):
-                log.info("job %s: cancelled (%s)", job_id, e)
-                finish(ctx.sessions, job_id, attempt, "cancelled")
-            else:
-                log.exception("job %s failed", job_id)
-                finish(ctx.sessions, job_id, attempt, "failed", f"{type(e).__name__}: {e}")
-    _upload_log(ctx, job_id, run.log_path)
+                if run.cancel_seen or isinstance(e, (TrainingCancelled, EvaluationCancelled)):
+                    log.info("job %s: cancelled (%s)", job_id, e)
+                    status, error = "cancelled", None
+                else:
+                    log.exception("job %s failed", job_id)
+                    status, error = "failed", f"{type(e).__name__}: {e}"
+                try:
+                    ctx.patient(f"job {job_id}: record {status}",
+                                lambda: finish(ctx.sessions, job_id, attempt, status, error))
+                except Exception:  # still unreachable: the reaper settles the row later
+                    log.exception("job %s: could not record that it %s", job_id, status)
+        ctx.patient(f"job {job_id}: upload its log", lambda: run.upload_log(strict=True))
+    except Exception:
+        log.exception("job %s: its log could not be uploaded", job_id)
+    finally:
+        _current_job = None
     # The store holds what a retry needs (the last epoch checkpoint); local scratch goes.
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _upload_log(ctx: Context, job_id: str, path: Path) -> None:
+def _commit_success(ctx: Context, job_id: str, attempt: int, new_rows: Callable[[], list],
+                    progress: dict | None, cleanup: Callable[[], None]) -> None:
+    """Commit ``new_rows()`` together with the job's success (retried through an outage), or
+    undo the uploads they point at."""
+    values: dict[str, Any] = {"status": "succeeded", "finished_at": utcnow(), "heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = _jsonable(progress)
+
+    def commit() -> None:
+        with ctx.sessions() as session:
+            result = session.execute(update(Job).where(*_owned(job_id, attempt)).values(**values))
+            if result.rowcount != 1:
+                session.rollback()
+                status = session.scalar(select(Job.status).where(Job.id == job_id, Job.attempts == attempt))
+                if status == "succeeded":  # an earlier try committed and its answer was lost
+                    return
+                raise LostOwnership(f"job {job_id} is no longer owned by attempt {attempt}")
+            session.add_all(new_rows())
+            session.commit()
+
     try:
-        if path.is_file():
-            ctx.store.put_file(f"jobs/{job_id}/job.log", path)
-    except Exception:
-        log.exception("job %s: could not upload its log", job_id)
+        ctx.patient(f"job {job_id}: record the result", commit)
+    except BaseException:
+        try:
+            cleanup()
+        except Exception:
+            log.exception("job %s: could not delete the uploads of a result that was not recorded", job_id)
+        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,7 +323,7 @@ def dataset_root(ctx: Context, dataset: Dataset) -> Path:
     target = ctx.settings.cache_dir / "datasets" / dataset.id / "source"
     source = open_store(dataset.location, ctx.settings.s3_endpoint_url, ctx.settings.s3_region)
     with file_lock(target.with_name("source.lock")):
-        return materialize_dir(source, "", target)
+        return ctx.patient(f"download dataset {dataset.id}", lambda: materialize_dir(source, "", target))
 
 
 def prepared_cache(ctx: Context, dataset: Dataset, model_cfg, run: "JobRun") -> Path:
@@ -234,7 +343,8 @@ def prepared_cache(ctx: Context, dataset: Dataset, model_cfg, run: "JobRun") -> 
 
 
 def model_dir(ctx: Context, model: Model) -> Path:
-    return materialize_dir(ctx.store, model.artifact_prefix, ctx.settings.cache_dir / "models" / model.id)
+    target = ctx.settings.cache_dir / "models" / model.id
+    return ctx.patient(f"download model {model.id}", lambda: materialize_dir(ctx.store, model.artifact_prefix, target))
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,71 +390,70 @@ def restore_last(store: Store, job_id: str, work: Path) -> int:
     store.download_dir(pointer["prefix"], tmp)
     shutil.rmtree(local, ignore_errors=True)
     tmp.rename(local)
+    log.info("job %s: restored the epoch %d checkpoint from the store (%s)", job_id, pointer["epoch"],
+             pointer["prefix"])
     return pointer["epoch"]
 
 
-def _train_body(ctx: Context, job: Job, run: JobRun, session: Session) -> None:
+def _train_body(ctx: Context, job: Job, run: JobRun) -> None:
     from models.config import ModelConfig, TrainConfig
     from models.data.cache import ClipDataset
     from models.train import MODEL_DIR, train
 
     params = job.params
-    dataset = session.get(Dataset, job.dataset_id)
+    dataset = ctx.read(Dataset, job.dataset_id)
     model_cfg = ModelConfig.from_dict(params["model_config"])
     train_cfg = TrainConfig.from_dict(params["train_config"])
     data = ClipDataset(prepared_cache(ctx, dataset, model_cfg, run), protocol=params["protocol"], split="train")
     if params.get("max_samples"):
         data = data.subset(params["max_samples"], seed=train_cfg.seed)
     work = ctx.settings.cache_dir / "jobs" / job.id
-    resumed = restore_last(ctx.store, job.id, work)
+    resumed = ctx.patient(f"job {job.id}: restore its checkpoint", lambda: restore_last(ctx.store, job.id, work))
     if resumed:
         log.info("job %s: resuming after epoch %d", job.id, resumed)
+
+    def on_checkpoint(path: Path, epoch: int) -> None:
+        ctx.patient(f"job {job.id}: upload the epoch {epoch} checkpoint",
+                    lambda: upload_last(ctx.store, job.id, path, epoch))
+
     summary = train(model_cfg, train_cfg, data, work, preset=params["preset"], progress=run.progress,
-                    should_stop=run.should_stop,
-                    on_checkpoint=lambda path, epoch: upload_last(ctx.store, job.id, path, epoch),
+                    should_stop=run.should_stop, on_checkpoint=on_checkpoint,
                     device=device_name(ctx.settings), resume=True)
     log.info("job %s: trained %d epochs", job.id, summary["epochs"])
 
-    local = work / MODEL_DIR
-    model = add_model(session, ctx.store, local, name=params.get("name") or f"{train_cfg.defence}-{job.id[:8]}",
-                      job_id=job.id, dataset_id=dataset.id, owner_id=job.owner_id)
-    _succeed_with(session, job.id, run.attempt, progress={"phase": "done", **summary["history"][-1]}
-                  if summary["history"] else None, cleanup=lambda: ctx.store.delete_prefix(model.artifact_prefix))
-    pointer = _read_pointer(ctx.store, job.id)  # the epoch checkpoint is not needed any more
-    if pointer:
-        ctx.store.delete_prefix(pointer["prefix"])
-        ctx.store.delete(_last_pointer(job.id))
+    name = params.get("name") or f"{train_cfg.defence}-{job.id[:8]}"
+    model = ctx.patient(f"job {job.id}: upload the model", lambda: upload_model(
+        ctx.store, work / MODEL_DIR, name=name, job_id=job.id, dataset_id=dataset.id, owner_id=job.owner_id))
+    _commit_success(ctx, job.id, run.attempt, lambda: [Model(**model)],
+                    progress={"phase": "done", **summary["history"][-1]} if summary["history"] else None,
+                    cleanup=lambda: ctx.store.delete_prefix(model["artifact_prefix"]))
+    try:  # the epoch checkpoint is not needed any more
+        pointer = _read_pointer(ctx.store, job.id)
+        if pointer:
+            ctx.store.delete_prefix(pointer["prefix"])
+            ctx.store.delete(_last_pointer(job.id))
+    except Exception:
+        log.exception("job %s: its last epoch checkpoint was left in the store", job.id)
 
 
-def add_model(session: Session, store: Store, checkpoint_dir: Path, name: str, job_id: str | None = None,
-              dataset_id: str | None = None, owner_id: str | None = None) -> Model:
-    """Upload a checkpoint directory completely, then add (not commit) its ``models`` row:
-    a model row never points at a partial upload."""
+def upload_model(store: Store, checkpoint_dir: Path, name: str, job_id: str | None = None,
+                 dataset_id: str | None = None, owner_id: str | None = None) -> dict[str, Any]:
+    """Upload a checkpoint directory completely under a new model id; returns the columns
+    of its ``models`` row (a model row never points at a partial upload)."""
     model_id = new_id()
     prefix = f"models/{model_id}"
     store.put_dir(prefix, checkpoint_dir)
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    model = Model(id=model_id, name=name, job_id=job_id, dataset_id=dataset_id, config=config, artifact_prefix=prefix,
-                  owner_id=owner_id)
+    return dict(id=model_id, name=name, job_id=job_id, dataset_id=dataset_id, config=config, artifact_prefix=prefix,
+                owner_id=owner_id)
+
+
+def add_model(session: Session, store: Store, checkpoint_dir: Path, name: str, job_id: str | None = None,
+              dataset_id: str | None = None, owner_id: str | None = None) -> Model:
+    """Upload a checkpoint directory completely, then add (not commit) its ``models`` row."""
+    model = Model(**upload_model(store, checkpoint_dir, name, job_id, dataset_id, owner_id))
     session.add(model)
     return model
-
-
-def _succeed_with(session: Session, job_id: str, attempt: int, progress: dict | None,
-                  cleanup: Callable[[], None]) -> None:
-    """Commit the new rows together with the job's success, or undo the upload."""
-    values: dict[str, Any] = {"status": "succeeded", "finished_at": utcnow(), "heartbeat_at": utcnow()}
-    if progress is not None:
-        values["progress"] = _jsonable(progress)
-    try:
-        result = session.execute(update(Job).where(*_owned(job_id, attempt)).values(**values))
-        if result.rowcount != 1:
-            raise LostOwnership(f"job {job_id} is no longer owned by attempt {attempt}")
-        session.commit()
-    except BaseException:
-        session.rollback()
-        cleanup()
-        raise
 
 
 @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
@@ -356,15 +465,15 @@ def train_job(job_id: str) -> None:
 # Evaluation
 
 
-def _evaluate_body(ctx: Context, job: Job, run: JobRun, session: Session) -> None:
+def _evaluate_body(ctx: Context, job: Job, run: JobRun) -> None:
     from models.checkpoint import load_checkpoint, resolve_device
     from models.config import AttackConfig, ModelConfig
     from models.data.cache import ClipDataset
     from models.evaluate import evaluate
 
     params = job.params
-    model_row = session.get(Model, job.model_id)
-    dataset = session.get(Dataset, job.dataset_id)
+    model_row = ctx.read(Model, job.model_id)
+    dataset = ctx.read(Dataset, job.dataset_id)
     model, meta = load_checkpoint(model_dir(ctx, model_row), device=resolve_device(device_name(ctx.settings)))
     cache = prepared_cache(ctx, dataset, ModelConfig.from_dict(meta["model"]), run)
     data = ClipDataset(cache, protocol=params["protocol"], split=params["split"])
@@ -382,21 +491,25 @@ def _evaluate_body(ctx: Context, job: Job, run: JobRun, session: Session) -> Non
     records_key = clips_key(key)
     buffer = io.BytesIO()
     records.save(buffer)
-    ctx.store.put_bytes(records_key, buffer.getvalue())
     report["per_clip"]["file"] = CLIPS_FILE
-    ctx.store.put_bytes(key, json.dumps(report, indent=2).encode())
+    document = json.dumps(report, indent=2).encode()
+
+    def upload() -> None:
+        ctx.store.put_bytes(records_key, buffer.getvalue())
+        ctx.store.put_bytes(key, document)
 
     def cleanup() -> None:
         ctx.store.delete(key)
         ctx.store.delete(records_key)
 
-    session.add(Report(id=report_id, name=model_row.name, job_id=job.id, model_id=model_row.id,
-                       dataset_id=dataset.id, artifact_key=key, owner_id=job.owner_id))
-    _succeed_with(session, job.id, run.attempt,
-                  progress={"phase": "done", "clean_accuracy": report["clean"]["accuracy"],
-                            "worst_case": [w["overall"]["accuracy"] for w in report["worst_case"]],
-                            "flags": len(report["diagnostics"]["flags"])},
-                  cleanup=cleanup)
+    ctx.patient(f"job {job.id}: upload the report", upload)
+    _commit_success(ctx, job.id, run.attempt,
+                    lambda: [Report(id=report_id, name=model_row.name, job_id=job.id, model_id=model_row.id,
+                                    dataset_id=dataset.id, artifact_key=key, owner_id=job.owner_id)],
+                    progress={"phase": "done", "clean_accuracy": report["clean"]["accuracy"],
+                              "worst_case": [w["overall"]["accuracy"] for w in report["worst_case"]],
+                              "flags": len(report["diagnostics"]["flags"])},
+                    cleanup=cleanup)
 
 
 @app.task(name=EVALUATE_TASK, acks_late=True, reject_on_worker_lost=True)
@@ -405,78 +518,72 @@ def evaluate_job(job_id: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Lost workers
+# The worker process: its heartbeat in ``workers`` and its housekeeping
 
 
-def reap_stale_jobs(sessions: sessionmaker[Session], timeout_s: float, max_attempts: int,
-                    requeue: Callable[[Job], None]) -> list[tuple[str, str]]:
-    """Requeue (or fail, after ``max_attempts``) running jobs whose heartbeat is older than
-    ``timeout_s``. Returns ``[(job_id, new_status)]``."""
-    cutoff = utcnow() - dt.timedelta(seconds=timeout_s)
-    changed = []
-    with sessions() as session:
-        stale = session.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)).all()
-        for job in stale:
-            last_heartbeat = job.heartbeat_at
-            if job.cancel_requested:
-                status, error = "cancelled", None
-            elif job.attempts >= max_attempts:
-                status, error = "failed", (f"worker lost: no heartbeat for {timeout_s:.0f}s "
-                                           f"(attempt {job.attempts} of {max_attempts})")
-            else:
-                status, error = "queued", None
-            values: dict[str, Any] = {"status": status, "error": error, "heartbeat_at": None}
-            if status != "queued":
-                values["finished_at"] = utcnow()
-            result = session.execute(update(Job).where(Job.id == job.id, Job.status == "running",
-                                                       Job.attempts == job.attempts).values(**values))
-            session.commit()
-            if result.rowcount == 1:
-                log.warning("job %s: no heartbeat since %s -> %s", job.id, last_heartbeat, status)
-                changed.append((job.id, status))
-                if status == "queued":
-                    try:
-                        requeue(job)
-                    except Exception:  # a broker hiccup must not end the pass for the other jobs
-                        log.exception("job %s: requeued, but its message could not be sent", job.id)
-    return changed
+class WorkerBeat:
+    """Keeps this worker's row in ``workers`` fresh (every heartbeat interval) with the job
+    it runs; deletes it at a clean shutdown. A killed worker's row just goes stale."""
 
+    def __init__(self, ctx: Context, name: str):
+        self.ctx, self.name = ctx, name
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-heartbeat", daemon=True)
+        self._failing = False
 
-def _send(job: Job) -> None:
-    app.send_task(TASK_FOR_KIND[job.kind], args=[job.id])
+    def start(self) -> "WorkerBeat":
+        self.beat()
+        self._thread.start()
+        return self
 
-
-def reap_once() -> list[tuple[str, str]]:
-    ctx = context()
-    return reap_stale_jobs(ctx.sessions, ctx.settings.heartbeat_timeout_s, ctx.settings.max_attempts, _send)
-
-
-def _reaper_loop(stop: threading.Event, every_s: float) -> None:
-    while not stop.wait(every_s):
+    def beat(self) -> None:
         try:
-            reap_once()
-        except Exception:
-            log.exception("reaping stale jobs failed")
+            with self.ctx.sessions() as session:
+                values = dict(seen_at=utcnow(), job_id=_current_job, hostname=socket.gethostname(), pid=os.getpid())
+                if session.execute(update(Worker).where(Worker.name == self.name).values(**values)).rowcount != 1:
+                    session.add(Worker(name=self.name, started_at=utcnow(), **values))
+                session.commit()
+            if self._failing:
+                log.info("worker heartbeat recorded again")
+            self._failing = False
+        except Exception as e:
+            if not self._failing:
+                log.warning("worker heartbeat not recorded (%s: %s)", type(e).__name__, e)
+            self._failing = True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ctx.settings.heartbeat_interval_s):
+            self.beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            with self.ctx.sessions() as session:
+                session.execute(delete(Worker).where(Worker.name == self.name))
+                session.commit()
+        except Exception as e:
+            log.warning("worker row %s not removed (%s)", self.name, type(e).__name__)
 
 
-_reaper_stop = threading.Event()
+_process: dict[str, Any] = {}
 
 
 @signals.worker_ready.connect
-def _start_reaper(**_kwargs) -> None:
-    settings = context().settings
-    if settings.worker_torch_threads > 0:
+def _worker_ready(sender=None, **_kwargs) -> None:
+    ctx = context()
+    if ctx.settings.worker_torch_threads > 0:
         import torch
 
-        torch.set_num_threads(settings.worker_torch_threads)
-    try:
-        reap_once()
-    except Exception:
-        log.exception("reaping stale jobs at start failed")
-    every = max(1.0, settings.heartbeat_timeout_s / 3)
-    threading.Thread(target=_reaper_loop, args=(_reaper_stop, every), name="reaper", daemon=True).start()
+        torch.set_num_threads(ctx.settings.worker_torch_threads)
+    name = getattr(sender, "hostname", None) or f"{socket.gethostname()}:{os.getpid()}"
+    _process["beat"] = WorkerBeat(ctx, name).start()
+    _process["reaper"] = Reaper(ctx.sessions, ctx.settings, app).start(immediately=True)
 
 
 @signals.worker_shutdown.connect
-def _stop_reaper(**_kwargs) -> None:
-    _reaper_stop.set()
+def _worker_shutdown(**_kwargs) -> None:
+    if "reaper" in _process:
+        _process.pop("reaper").stop()
+    if "beat" in _process:
+        _process.pop("beat").stop()

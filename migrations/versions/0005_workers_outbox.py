@@ -1,4 +1,4 @@
-"""workers seen alive (heartbeats), the job outbox (sent_at) and the retry budget base
+"""workers seen alive (heartbeats), the job outbox (sent_at), when a job was last queued, the retry budget base
 
 Revision ID: 0005
 Revises: 0004
@@ -27,12 +27,14 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("sent_at", sa.DateTime(timezone=True)))
         batch.add_column(sa.Column("attempt_base", sa.Integer, nullable=False, server_default="0"))
-    # Jobs that exist already were sent when they were created.
-    op.execute("UPDATE jobs SET sent_at = created_at")
+        batch.add_column(sa.Column("queued_at", sa.DateTime(timezone=True)))
+    # Jobs that exist already were queued and sent when they were created.
+    op.execute("UPDATE jobs SET sent_at = created_at, queued_at = created_at")
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("queued_at")
         batch.drop_column("attempt_base")
         batch.drop_column("sent_at")
     op.drop_table("workers")

@@ -9,6 +9,7 @@ and only then sent to the broker with its id. The worker owns it from there.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal, NoReturn
 
 from fastapi import APIRouter, HTTPException, Query, Response
@@ -25,12 +26,13 @@ from service.idempotency import IdempotencyHeader, create_once, remember
 from service.db import FINISHED, ApiKey, Dataset, Job, JobGroup, Model, Report, new_id, utcnow
 from service.schemas import MAX_OFFSET
 from service.settings import Settings
-from service.schemas import (EvaluateJobCreate, JobCreate, JobList, JobOutputs, JobPublic, JobStatus, JobTimings,
-                             Links, TrainJobCreate)
+from service.schemas import (EvaluateJobCreate, JobCreate, JobInputs, JobList, JobOutputs, JobPublic, JobStatus,
+                             JobTimings, Links, TrainJobCreate)
 from service.store import ObjectNotFound
 from worker.celery_app import TASK_FOR_KIND
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("robustact.api")
 
 # Fields of the engine's configs → where they sit in the request body.
 _CONFIG_FIELDS = {
@@ -43,7 +45,8 @@ def _seconds(a, b) -> float | None:
     return (b - a).total_seconds() if a and b else None
 
 
-def job_public(job: Job, model_id: str | None = None, report_id: str | None = None) -> JobPublic:
+def job_public(job: Job, model_id: str | None = None, report_id: str | None = None,
+               max_attempts: int = 3) -> JobPublic:
     links: dict[str, str] = {"self": f"/v1/jobs/{job.id}", "log": f"/v1/jobs/{job.id}/log"}
     if job.status in ("queued", "running"):
         links["cancel"] = f"/v1/jobs/{job.id}/cancel"
@@ -60,14 +63,22 @@ def job_public(job: Job, model_id: str | None = None, report_id: str | None = No
     if job.group_id:
         links["sweep"] = f"/v1/sweeps/{job.group_id}"
     end = job.finished_at or (utcnow() if job.status == "running" else None)
+    queued_at = job.queued_at or job.created_at
+    # The wait ends when the current attempt starts (a start from before it was last queued
+    # belongs to an earlier attempt), or when it was cancelled while waiting.
+    waited_until = job.started_at if job.started_at and job.started_at >= queued_at else None
+    if waited_until is None and job.status != "queued":
+        waited_until = job.finished_at
     return JobPublic(
-        id=job.id, kind=job.kind, status=job.status, dataset_id=job.dataset_id, model_id=job.model_id,
+        id=job.id, kind=job.kind, status=job.status,
+        inputs=JobInputs(dataset_id=job.dataset_id, model_id=job.model_id if job.kind == "evaluate" else None),
         params=job.params, group_id=job.group_id, progress=job.progress, error=job.error,
-        cancel_requested=job.cancel_requested, attempts=job.attempts, worker=job.worker,
-        timings=JobTimings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-                           heartbeat_at=job.heartbeat_at,
-                           queued_seconds=_seconds(job.created_at, job.started_at or job.finished_at),
-                           running_seconds=_seconds(job.started_at, end)),
+        cancel_requested=job.cancel_requested, attempts=job.attempts,
+        attempts_left=max(0, max_attempts - (job.attempts - (job.attempt_base or 0))), worker=job.worker,
+        timings=JobTimings(created_at=job.created_at, queued_at=queued_at, sent_at=job.sent_at,
+                           started_at=job.started_at, finished_at=job.finished_at, heartbeat_at=job.heartbeat_at,
+                           queued_seconds=_seconds(queued_at, waited_until),
+                           running_seconds=_seconds(job.started_at, end) if waited_until == job.started_at else None),
         outputs=JobOutputs(model_id=model_id, report_id=report_id), links=Links(**links))
 
 
@@ -79,9 +90,9 @@ def _outputs(session: Session, job_ids: list[str]) -> tuple[dict[str, str], dict
     return models, reports
 
 
-def _public(session: Session, job: Job) -> JobPublic:
+def _public(session: Session, job: Job, settings: Settings) -> JobPublic:
     models, reports = _outputs(session, [job.id])
-    return job_public(job, models.get(job.id), reports.get(job.id))
+    return job_public(job, models.get(job.id), reports.get(job.id), settings.max_attempts)
 
 
 def _config_error(e: ConfigError) -> NoReturn:
@@ -181,24 +192,26 @@ def check_quota(session: Session, caller: Caller, settings: Settings, jobs: int 
                                        "finish or cancel them (an admin can raise the quota: PATCH /v1/keys/{id})")
 
 
-def _fail_unsent(session: Session, job_ids: list[str], error: str) -> None:
-    session.execute(update(Job).where(Job.id.in_(job_ids), Job.status == "queued").values(
-        status="failed", error=error, finished_at=utcnow()))
-    session.commit()
-
-
 def enqueue(session: Session, celery, jobs: list[Job]) -> None:
-    """Send the jobs' ids to the broker, in order. A broker failure fails the rows not sent
-    yet (the ones sent are delivered) and answers 503."""
-    for i, job in enumerate(jobs):
+    """Send the jobs' ids to the broker, in order, and record when (``sent_at``). If the
+    broker is unreachable the rest stay queued and unsent: the outbox (``service.reaper``)
+    sends them once it is back, so the request still succeeds and no job is lost."""
+    sent = []
+    for job in jobs:
         try:
             celery.send_task(TASK_FOR_KIND[job.kind], args=[job.id])
         except Exception as e:
-            unsent = [j.id for j in jobs[i:]]
-            _fail_unsent(session, unsent, f"could not queue the job: {type(e).__name__}: {e}")
-            which = f"job {job.id} was" if len(unsent) == 1 else f"{len(unsent)} jobs ({', '.join(unsent)}) were"
-            raise HTTPException(status_code=503, detail=f"the job broker is unreachable ({type(e).__name__}: {e}); "
-                                                        f"{which} marked failed")
+            log.warning("broker unreachable (%s: %s): %d job(s) left for the outbox", type(e).__name__, e,
+                        len(jobs) - len(sent))
+            break
+        sent.append(job.id)
+    if sent:
+        now = utcnow()
+        session.execute(update(Job).where(Job.id.in_(sent), Job.status == "queued").values(sent_at=now))
+        session.commit()
+        for job in jobs:
+            if job.id in sent:
+                job.sent_at = now
 
 
 def submit_jobs(session: Session, celery, jobs: list[Job], group: JobGroup | None = None) -> None:
@@ -225,10 +238,10 @@ def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings
         check_quota(session, caller, settings, jobs=1)
         remember(session, caller, idempotency_key, route, digest, f"jobs/{job.id}")
         submit_jobs(session, celery, [job])
-        return job_public(job)
+        return job_public(job, max_attempts=settings.max_attempts)
 
     def replay(resource: str) -> JobPublic:
-        return _public(session, get_visible(session, Job, resource.split("/", 1)[1], caller, "job"))
+        return _public(session, get_visible(session, Job, resource.split("/", 1)[1], caller, "job"), settings)
 
     result = create_once(session, caller, idempotency_key, route, body.model_dump(mode="json"), create, replay)
     response.headers["Location"] = f"/v1/jobs/{result.id}"
@@ -236,7 +249,7 @@ def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings
 
 
 @router.get("", response_model=JobList)
-def list_jobs(caller: CallerDep, session: SessionDep, status: JobStatus | None = None, kind: Literal["train", "evaluate"] | None = None,
+def list_jobs(caller: CallerDep, session: SessionDep, settings: SettingsDep, status: JobStatus | None = None, kind: Literal["train", "evaluate"] | None = None,
               dataset_id: str | None = None, model_id: str | None = None, group_id: str | None = None,
               limit: int = Query(50, ge=1, le=500),
               offset: int = Query(0, ge=0, le=MAX_OFFSET, description="rows to skip")):
@@ -248,17 +261,18 @@ def list_jobs(caller: CallerDep, session: SessionDep, status: JobStatus | None =
     total = session.scalar(select(func.count()).select_from(query.subquery()))
     jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
     models, reports = _outputs(session, [j.id for j in jobs])
-    return JobList(items=[job_public(j, models.get(j.id), reports.get(j.id)) for j in jobs], total=total,
+    return JobList(items=[job_public(j, models.get(j.id), reports.get(j.id), settings.max_attempts) for j in jobs],
+                   total=total,
                    limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, caller: CallerDep, session: SessionDep):
-    return _public(session, get_visible(session, Job, job_id, caller, "job"))
+def get_job(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep):
+    return _public(session, get_visible(session, Job, job_id, caller, "job"), settings)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
-def cancel_job(job_id: str, caller: CallerDep, session: SessionDep):
+def cancel_job(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep):
     """A queued job is cancelled at once; a running one stops at the worker's next step."""
     job = get_visible(session, Job, job_id, caller, "job")
     if job.status in FINISHED:
@@ -270,33 +284,51 @@ def cancel_job(job_id: str, caller: CallerDep, session: SessionDep):
         session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
     session.commit()
     session.refresh(job)
-    return _public(session, job)
+    return _public(session, job, settings)
 
 
 @router.post("/{job_id}/retry", status_code=202, response_model=JobPublic)
 def retry_job(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep, celery: CeleryDep):
-    """Queue a failed or cancelled job again; training resumes from its last epoch. It counts
-    against the quota of the key retrying it, like a new job."""
+    """Queue a failed or cancelled job again, with a fresh budget of attempts; training resumes
+    from its last epoch. It counts against the quota of the key retrying it, like a new job."""
     job = get_visible(session, Job, job_id, caller, "job")
     if job.status in ("failed", "cancelled") and job.group_id is None:
         check_quota(session, caller, settings, jobs=1)
+    # A retry by a user gives the job its full budget of attempts again (``attempts`` itself
+    # only grows: it is the ownership token of a run).
     result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(("failed", "cancelled"))).values(
-        status="queued", cancel_requested=False, error=None, finished_at=None, heartbeat_at=None))
+        status="queued", cancel_requested=False, error=None, finished_at=None, heartbeat_at=None, sent_at=None,
+        queued_at=utcnow(), attempt_base=Job.attempts))
     if result.rowcount != 1:
         raise HTTPException(status_code=409, detail=f"job {job_id!r} is {job.status}; only failed or cancelled "
                                                     "jobs can be retried")
     session.commit()
     session.refresh(job)
     enqueue(session, celery, [job])
-    return _public(session, job)
+    return _public(session, job, settings)
 
 
 @router.get("/{job_id}/log", response_class=StreamingResponse)
 def get_job_log(job_id: str, caller: CallerDep, session: SessionDep, store: StoreDep):
+    """Every attempt's log, oldest first, each under a ``----- attempt N -----`` line. A
+    running attempt's log is uploaded every few seconds and at every epoch end, so it is
+    there before the job finishes, and an attempt whose worker was killed keeps its log."""
     get_visible(session, Job, job_id, caller, "job")
-    try:
-        chunks = store.stream(f"jobs/{job_id}/job.log")
-    except ObjectNotFound:
-        raise HTTPException(status_code=404, detail=f"job {job_id!r} has no log yet (written when it finishes)")
-    return StreamingResponse(chunks, media_type="text/plain; charset=utf-8")
+    keys = [k for k in store.list(f"jobs/{job_id}/logs") if k.endswith(".log")]
+    if not keys and store.exists(f"jobs/{job_id}/job.log"):  # written before per-attempt logs
+        keys = [f"jobs/{job_id}/job.log"]
+    if not keys:
+        raise HTTPException(status_code=404, detail=f"job {job_id!r} has no log yet (it has not started)")
+    first = store.stream(keys[0])  # an error (store down) is raised here, before the 200 is sent
 
+    def chunks():
+        for index, key in enumerate(keys):
+            name = key.rsplit("/", 1)[-1]
+            if name.startswith("attempt-"):
+                yield f"----- attempt {int(name[8:-4])} -----\n".encode()
+            try:
+                yield from (first if index == 0 else store.stream(key))
+            except ObjectNotFound:  # deleted meanwhile
+                continue
+
+    return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8")

@@ -134,6 +134,18 @@ class LiveService:
         self.workers.append(process)
         return process
 
+    def wait_workers(self, count: int, timeout: float = 90) -> dict:
+        """Wait until ``/readyz`` reports ``count`` workers alive (their heartbeat is in the
+        ``workers`` table); returns its body."""
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self.client.get("/readyz").json()
+            if body["checks"]["workers"].startswith(f"ok ({count} alive"):
+                return body
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{count} worker(s) not alive after {timeout}s: {body}\n{self.worker_logs()}")
+            time.sleep(0.2)
+
     def worker_logs(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-6000:] for p in sorted(self.settings.data_dir.glob("worker-*.log")))
 
@@ -181,6 +193,8 @@ def live_service(tmp_path, request) -> Iterator[Callable[..., LiveService]]:
         started.append((service, server, thread))
         for _ in range(workers):
             service.start_worker()
+        if workers:
+            service.wait_workers(workers)
         return service
 
     yield make

@@ -33,7 +33,8 @@ def test_train_evaluate_report_classify(backend, live_service, synthetic_root, r
     assert c.get("/healthz").json() == {"status": "ok"}
     ready = c.get("/readyz")
     assert ready.status_code == 200, ready.text
-    assert set(ready.json()["checks"]) == {"database", "broker", "store"}
+    assert set(ready.json()["checks"]) == {"database", "broker", "store", "workers"}
+    assert ready.json()["checks"]["workers"].startswith("ok (1 alive: test-0-")
 
     dataset = _register(svc, backend, synthetic_root)
     assert dataset["num_classes"] == 3 and dataset["class_names"] == ntu.class_names(synthetic_root)

@@ -13,7 +13,7 @@ import pytest
 
 from models.data import ntu
 from service.db import Job, make_engine, make_sessionmaker, migrate, utcnow
-from worker.tasks import reap_stale_jobs
+from service.reaper import reap_stale_jobs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

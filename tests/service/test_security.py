@@ -77,7 +77,9 @@ def test_every_v1_route_needs_a_valid_key(api, tmp_path):
             assert "key" in r.json()["detail"] and r.headers["www-authenticate"].startswith("Bearer")
     # Health stays open; the docs too.
     assert httpx.Client(transport=api._transport, base_url="http://testserver").get("/healthz").status_code == 200
-    assert api.get("/readyz").status_code == 200
+    ready = api.get("/readyz")  # open; not ready: no worker runs beside this API
+    assert ready.status_code == 503 and ready.json()["checks"]["database"] == "ok"
+    assert ready.json()["checks"]["workers"].startswith("error: NotEnoughWorkers: 0 alive")
 
 
 def test_keys_are_shown_once_and_admin_routes_need_admin(api):

@@ -1,11 +1,13 @@
 """docker-compose.yml holds no credential: every secret is a required ${VAR:?} that
 .env.example documents; the app uses its own bucket-scoped MinIO user, the MinIO console
-is not published, api and worker have resource limits and the api's health is /readyz.
+is not published, api and worker have resource limits and the api's health is /readyz;
+Flower runs only in its profile, on loopback, behind basic auth.
 (Docker is not run here: the file is parsed and interpolated the way compose does.)"""
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,36 @@ def test_console_closed_limits_set_and_readiness_checked():
         assert float(limits["cpus"]) > 0 and re.fullmatch(r"\d+[mg]", limits["memory"])
     assert "/readyz" in " ".join(resolved["api"]["healthcheck"]["test"])
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_flower_is_optional_on_loopback_behind_basic_auth(tmp_path):
+    raw = RAW["services"]
+    default_up = {name for name, service in raw.items() if not service.get("profiles")}
+    assert raw["flower"]["profiles"] == ["flower"] and "flower" not in default_up
+    assert {"api", "worker", "postgres", "redis", "minio", "createbucket"} <= default_up
+    assert not any("flower" in (service.get("depends_on") or {}) for service in raw.values())  # nothing pulls it in
+    resolved = services()  # FLOWER_BASIC_AUTH empty, as in .env.example: compose itself does not stop
+    flower = resolved["flower"]
+    assert flower["ports"] and all(str(port).startswith("127.0.0.1:") for port in flower["ports"])
+    env = flower["environment"]
+    assert set(env) == {"CELERY_BROKER_URL", "FLOWER_BASIC_AUTH"}  # the broker, no other credential
+    assert env["CELERY_BROKER_URL"] == resolved["worker"]["environment"]["ROBUSTACT_BROKER_URL"]
+    assert env["FLOWER_BASIC_AUTH"] == "" and services({**env_example(), "FLOWER_BASIC_AUTH": "u:p"})["flower"][
+        "environment"]["FLOWER_BASIC_AUTH"] == "u:p"
+
+    # The container's script, with a stand-in `celery` that prints its arguments.
+    (tmp_path / "celery").write_text('#!/bin/sh\necho "celery $*"\n')
+    (tmp_path / "celery").chmod(0o755)
+    assert flower["entrypoint"] == ["/bin/sh", "-c"]
+    script = flower["command"][0]
+
+    def run(basic_auth: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=10,
+                              env={"PATH": f"{tmp_path}:/usr/bin:/bin", "FLOWER_BASIC_AUTH": basic_auth,
+                                   "CELERY_BROKER_URL": env["CELERY_BROKER_URL"]})
+
+    refused = run("")
+    assert refused.returncode == 1 and "FLOWER_BASIC_AUTH" in refused.stderr and "celery" not in refused.stdout
+    started = run("admin:secret")
+    assert started.returncode == 0
+    assert started.stdout.strip() == f"celery --broker={env['CELERY_BROKER_URL']} flower --port=5555"

@@ -178,6 +178,7 @@ def _classify_admitted(request: Request, row: Model, model_id: str, video: Uploa
                                 headers={"Retry-After": str(request.app.state.settings.busy_retry_after_s)}
                                 if e.status == 503 else None)
         invalid(e.field, e.message)
+    request.app.state.metrics.observe_classify_result(result)
     total = (time.perf_counter() - t0) * 1e3
     return ClassifyResult(model_id=row.id, top=result["top"], inputs=result["inputs"], timings_ms={
         "decode": result["decode_ms"], "model_load": (t_load - t0) * 1e3 if fresh else 0.0,

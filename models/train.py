@@ -45,6 +45,11 @@ class TrainingCancelled(Exception):
     """``should_stop()`` asked the loop to stop; the last epoch checkpoint is kept."""
 
 
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite: every later step would be wasted (and the weights are
+    NaN). The last epoch checkpoint, from before it happened, is kept."""
+
+
 def objective(model, train_cfg: TrainConfig, rgb, skel, labels, attack_seed: int):
     """Loss of one mini-batch under ``train_cfg.defence``; returns (loss, logits used for
     the training accuracy)."""
@@ -181,10 +186,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
             rgb, skel, labels = rgb.to(device), skel.to(device), labels.to(device)
             seed = (train_cfg.seed * 1_000_003 + epoch * 10_007 + step) % (2**63)
             loss, logits = objective(model, train_cfg, rgb, skel, labels, seed)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}, batch size "
+                    f"{train_cfg.batch_size}); lower the learning rate or raise the batch size")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item() * labels.shape[0]
+            total_loss += value * labels.shape[0]
             correct += (logits.argmax(1) == labels).sum().item()
             seen += labels.shape[0]
             emit({"phase": "train", "epoch": epoch + 1, "epochs": train_cfg.epochs, "step": step + 1,

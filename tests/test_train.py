@@ -11,7 +11,7 @@ from models.attacks import attack
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.config import AttackConfig, ConfigError, TrainConfig, preset_config
 from models.fusion import build_model
-from models.train import TrainingCancelled, cosine_lr, objective, train
+from models.train import TrainingCancelled, TrainingDiverged, cosine_lr, objective, train
 
 K = 3
 
@@ -142,3 +142,15 @@ def test_load_checkpoint_errors_name_the_problem(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x80\x04not a safetensors file")
     with pytest.raises(CheckpointError, match="unreadable weights"):
         load_checkpoint(tmp_path)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
+    """A learning rate far too high drives the loss to NaN within a few steps: training stops
+    at once with TrainingDiverged naming the epoch, step and lr, instead of finishing with
+    NaN weights (and a NaN history that Postgres' JSON refuses)."""
+    cfg = preset_config("tiny", num_classes=3)
+    data = TensorClips(cfg, n=8)
+    tc = TrainConfig(defence="none", epochs=50, batch_size=2, lr=1e6)
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).* at epoch \d+, step \d+ \(lr"):
+        train(cfg, tc, data, tmp_path / "run", preset="tiny")
+    assert not (tmp_path / "run" / "model").exists()

@@ -490,3 +490,98 @@ def create_bucket(endpoint_url: str, name: str | None = None, *, prefix: str = "
     name = name or f"{prefix}-{uuid.uuid4().hex[:12]}".lower()
     s3_client(endpoint_url).create_bucket(Bucket=name)
     return name
+
+
+# --------------------------------------------------------------------------- outages
+
+
+class TcpProxy:
+    """A TCP forwarder from a free loopback port to ``(host, port)`` that a test can take
+    down: :meth:`cut` closes every forwarded connection and the listening socket (clients
+    see resets, then "connection refused", as when the server stops), :meth:`restore`
+    listens again on the same port. Point the code under test at :attr:`port` and the
+    real server behind it stays untouched (and shared with other tests)."""
+
+    def __init__(self, port: int, host: str = HOST):
+        self.target = (host, port)
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.restore()
+        atexit.register(self.close)
+
+    def url(self, url: str) -> str:
+        """``url`` with its ``:PORT`` (the target's) replaced by the proxy's."""
+        return url.replace(f":{self.target[1]}", f":{self.port}", 1)
+
+    def restore(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                return
+            self._listener = socket.create_server((HOST, self.port))  # SO_REUSEADDR on POSIX
+            self._listener.settimeout(0.2)
+            threading.Thread(target=self._accept, args=(self._listener,), name="proxy-accept", daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, set()
+        if listener is not None:
+            listener.close()
+        for conn in conns:
+            _close(conn)
+
+    def close(self) -> None:
+        self.cut()
+
+    def outage(self, seconds: float) -> None:
+        """Down for ``seconds``, then up again (blocks)."""
+        self.cut()
+        time.sleep(seconds)
+        self.restore()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:  # closed by cut()
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _close(client)
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:  # cut meanwhile
+                    _close(client)
+                    _close(upstream)
+                    return
+                self._conns.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), name="proxy-pump", daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close(src)
+            _close(dst)
+            with self._lock:
+                self._conns.discard(src)
+                self._conns.discard(dst)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

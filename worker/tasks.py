@@ -31,6 +31,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -234,8 +235,20 @@ class JobRun:
         return self.cancel_seen or self.lost
 
 
-def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(info, default=str))
+def _jsonable(info: Any) -> Any:
+    """``info`` as plain JSON that every database accepts: Postgres' JSON type refuses NaN
+    and infinities (a diverged loss, an accuracy over no clip), so they become null."""
+    return _finite(json.loads(json.dumps(info, default=str)))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 # The job this worker process runs now (the worker's heartbeat reports it).
@@ -443,7 +456,7 @@ def upload_model(store: Store, checkpoint_dir: Path, name: str, job_id: str | No
     model_id = new_id()
     prefix = f"models/{model_id}"
     store.put_dir(prefix, checkpoint_dir)
-    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    config = _jsonable(json.loads((Path(checkpoint_dir) / "config.json").read_text()))
     return dict(id=model_id, name=name, job_id=job_id, dataset_id=dataset_id, config=config, artifact_prefix=prefix,
                 owner_id=owner_id)
 

@@ -80,9 +80,11 @@ def make_settings(backend: str, data_dir: Path, request: pytest.FixtureRequest, 
     if backend == "servers":
         endpoint = request.getfixturevalue("s3_endpoint")
         bucket = request.getfixturevalue("s3_bucket")("artifacts")
-        values.update(database_url=fresh_postgres_database(request.getfixturevalue("postgres_url")),
-                      broker_url=request.getfixturevalue("redis_url"), store_url=f"s3://{bucket}/robustact",
-                      s3_endpoint_url=endpoint)
+        servers = dict(broker_url=request.getfixturevalue("redis_url"), store_url=f"s3://{bucket}/robustact",
+                       s3_endpoint_url=endpoint)
+        if "database_url" not in overrides:
+            servers["database_url"] = fresh_postgres_database(request.getfixturevalue("postgres_url"))
+        values.update({k: v for k, v in servers.items() if k not in overrides})
         if "dataset_roots" not in overrides:  # and datasets uploaded next to the artefacts
             values["dataset_roots"] = f"{values['dataset_roots']},s3://{bucket}/robustact/datasets"
     return Settings(**values)

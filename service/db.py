@@ -167,6 +167,12 @@ class Job(Base):
     # When it last entered ``queued`` (created, retried, or requeued after a lost worker):
     # the start of the wait that ``queued_seconds`` measures.
     queued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=utcnow)
+    # Sharded evaluations (issue 10): the evaluation job has ``shard_count`` = N > 1 and is
+    # never sent itself; its N jobs of kind ``shard`` (``parent_id``, ``shard_index``) are, and
+    # the last to succeed sends the merge. NULL for every other job.
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", name="fk_jobs_parent_id_jobs"), index=True)
+    shard_index: Mapped[int | None] = mapped_column(Integer)
+    shard_count: Mapped[int | None] = mapped_column(Integer)
 
 
 class Worker(Base):

@@ -8,6 +8,9 @@
   ``outbox_grace_s`` it is sent again. And when the broker holds fewer messages than there
   are queued jobs (a broker restarted without its data), the queued jobs are all sent again.
   Claiming a job is conditional (``worker.tasks.claim``), so a duplicate message is a no-op.
+* **Sharded evaluations** (``service.shards.settle_all``): a failed shard fails its
+  evaluation; a finished one whose merge message was lost (or whose merge worker died) gets
+  it sent again.
 * **Departed workers** (:func:`prune_workers`): rows of ``workers`` not seen for a long time.
 
 The API runs it too (``create_app``'s lifespan): when the only worker is the one that died,
@@ -28,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Job, Worker, utcnow
 from service.settings import Settings
-from worker.celery_app import TASK_FOR_KIND, queue_depth
+from worker.celery_app import MERGE_TASK, TASK_FOR_KIND, queue_depth
 
 log = logging.getLogger("robustact.reaper")
 
@@ -43,7 +46,9 @@ def reap_stale_jobs(sessions: sessionmaker[Session], timeout_s: float, max_attem
     cutoff = utcnow() - dt.timedelta(seconds=timeout_s)
     changed = []
     with sessions() as session:
-        stale = session.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)).all()
+        # A sharded evaluation's own row is settled from its shards (``service.shards``).
+        stale = session.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff,
+                                                  Job.shard_count.is_(None))).all()
         for job in stale:
             last_heartbeat = job.heartbeat_at
             used = job.attempts - (job.attempt_base or 0)
@@ -88,8 +93,8 @@ def resend_unsent(sessions: sessionmaker[Session], grace_s: float, send: Callabl
     sent."""
     cutoff = utcnow() - dt.timedelta(seconds=grace_s)
     with sessions() as session:
-        queued = select(Job).where(Job.status == "queued", Job.cancel_requested.is_(False),
-                                   Job.queued_at < cutoff).order_by(Job.queued_at, Job.id)
+        queued = select(Job).where(Job.status == "queued", Job.cancel_requested.is_(False), Job.queued_at < cutoff,
+                                   Job.shard_count.is_(None)).order_by(Job.queued_at, Job.id)
         todo = list(session.scalars(queued.where(Job.sent_at.is_(None))).all())
         if depth is not None:
             sent_before = session.scalars(queued.where(Job.sent_at < cutoff)).all()
@@ -154,10 +159,17 @@ class Reaper:
     def send(self, job: Job) -> None:
         self.celery.send_task(TASK_FOR_KIND[job.kind], args=[job.id])
 
+    def send_merge(self, parent_id: str) -> None:
+        self.celery.send_task(MERGE_TASK, args=[parent_id])
+
     def run_once(self) -> None:
+        from service.shards import settle_all
+
         s = self.settings
         reap_stale_jobs(self.sessions, s.heartbeat_timeout_s, s.max_attempts, self.send)
         resend_unsent(self.sessions, s.outbox_grace_s, self.send, depth=lambda: queue_depth(self.celery))
+        with self.sessions() as session:
+            settle_all(session, self.send_merge, s.heartbeat_timeout_s)
         prune_workers(self.sessions, s.heartbeat_timeout_s)
 
     def _run(self) -> None:

@@ -110,6 +110,13 @@ class Links(BaseModel):
     self: str
 
 
+class ErrorPublic(BaseModel):
+    """The body of every error answer."""
+
+    detail: str | list[dict[str, Any]] = Field(description="what went wrong; for a 422, a list of {loc, msg, type} "
+                                                           "naming each bad field")
+
+
 # --------------------------------------------------------------------------- datasets
 
 
@@ -217,6 +224,9 @@ class EvaluateJobCreate(RequestBody):
                           "budget and mode, cheapest attack first on the clips still standing (same worst case, "
                           "cheaper). Default: worst-case for autoattack, full otherwise")
     diagnostics: bool = Field(True, description="gradient-masking checks (zero gradients, unbounded attack, ...)")
+    shards: int | None = Field(None, ge=1, le=64, description="split the clips into this many shard jobs that any "
+                               "worker can take, merged into one report (identical to an unsharded run). Default: one "
+                               "shard per 500 clips, 1 for small sets")
 
     @model_validator(mode="after")
     def _suite_size(self) -> "EvaluateJobCreate":
@@ -264,6 +274,16 @@ class JobTimings(BaseModel):
     running_seconds: float | None = Field(description="the current (last) attempt's running time")
 
 
+class ShardPublic(BaseModel):
+    index: int
+    id: str
+    status: JobStatus
+    attempts: int
+    worker: str | None
+    fraction: float = Field(description="share of its clips done, 0..1")
+    error: str | None
+
+
 class JobPublic(BaseModel):
     id: str
     kind: str
@@ -280,6 +300,7 @@ class JobPublic(BaseModel):
     worker: str | None
     timings: JobTimings
     outputs: JobOutputs
+    shards: list[ShardPublic] | None = Field(None, description="a sharded evaluation's shard jobs")
     links: Links
 
 

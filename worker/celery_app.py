@@ -16,7 +16,9 @@ from service.settings import Settings
 QUEUE = "robustact"
 TRAIN_TASK = "robustact.train"
 EVALUATE_TASK = "robustact.evaluate"
-TASK_FOR_KIND = {"train": TRAIN_TASK, "evaluate": EVALUATE_TASK}
+SHARD_TASK = "robustact.evaluate_shard"
+MERGE_TASK = "robustact.merge_shards"
+TASK_FOR_KIND = {"train": TRAIN_TASK, "evaluate": EVALUATE_TASK, "shard": SHARD_TASK}
 
 
 def broker_transport_options(broker_url: str) -> dict:

@@ -50,7 +50,7 @@ from service.db import Dataset, Job, Model, Report, Worker, file_lock, make_engi
 from service.reaper import Reaper
 from service.settings import Settings
 from service.store import CLIPS_FILE, ObjectNotFound, Store, clips_key, materialize_dir, open_store
-from worker.celery_app import EVALUATE_TASK, TRAIN_TASK, app
+from worker.celery_app import EVALUATE_TASK, MERGE_TASK, SHARD_TASK, TRAIN_TASK, app
 
 log = logging.getLogger("robustact.worker")
 
@@ -255,10 +255,11 @@ def _finite(value: Any) -> Any:
 _current_job: str | None = None
 
 
-def run_job(job_id: str, body: Callable[[Context, Job, JobRun], None]) -> None:
+def run_job(job_id: str, body: Callable[[Context, Job, JobRun], None],
+            claimer: Callable[[sessionmaker[Session], str, str], int | None] = claim) -> None:
     global _current_job
     ctx = context()
-    attempt = ctx.patient(f"job {job_id}: claim", lambda: claim(ctx.sessions, job_id, socket.gethostname()))
+    attempt = ctx.patient(f"job {job_id}: claim", lambda: claimer(ctx.sessions, job_id, worker_name()))
     if attempt is None:
         log.info("job %s: nothing to claim (finished, cancelled or running elsewhere)", job_id)
         return
@@ -267,7 +268,8 @@ def run_job(job_id: str, body: Callable[[Context, Job, JobRun], None]) -> None:
     _current_job = job_id
     try:
         with run:
-            log.info("job %s: attempt %d on %s", job_id, attempt, socket.gethostname())
+            log.info("job %s: attempt %d on %s", job_id, attempt, worker_name())
+            job = None
             try:
                 job = ctx.read(Job, job_id)
                 body(ctx, job, run)
@@ -286,6 +288,8 @@ def run_job(job_id: str, body: Callable[[Context, Job, JobRun], None]) -> None:
                                 lambda: finish(ctx.sessions, job_id, attempt, status, error))
                 except Exception:  # still unreachable: the reaper settles the row later
                     log.exception("job %s: could not record that it %s", job_id, status)
+            if job is not None and job.parent_id:
+                _settle_parent(ctx, job.parent_id)
         ctx.patient(f"job {job_id}: upload its log", lambda: run.upload_log(strict=True))
     except Exception:
         log.exception("job %s: its log could not be uploaded", job_id)
@@ -478,11 +482,12 @@ def train_job(job_id: str) -> None:
 # Evaluation
 
 
-def _evaluate_body(ctx: Context, job: Job, run: JobRun) -> None:
+def _evaluation_inputs(ctx: Context, job: Job, run: JobRun):
+    """(model row, dataset row, model, checkpoint meta, the evaluated clips, suite) of an
+    evaluation job ``job`` (for a shard: its parent)."""
     from models.checkpoint import load_checkpoint, resolve_device
     from models.config import AttackConfig, ModelConfig
     from models.data.cache import ClipDataset
-    from models.evaluate import evaluate
 
     params = job.params
     model_row = ctx.read(Model, job.model_id)
@@ -493,12 +498,31 @@ def _evaluate_body(ctx: Context, job: Job, run: JobRun) -> None:
     if params.get("max_samples"):
         data = data.subset(params["max_samples"], seed=params["seed"])
     suite = [AttackConfig.from_dict(d) for d in params["suite"]]
+    return model_row, dataset, model, meta, data, suite
+
+
+def _dataset_info(dataset: Dataset, params: dict) -> dict:
+    return {"id": dataset.id, "name": dataset.name, "format": dataset.format, "protocol": params["protocol"],
+            "split": params["split"]}
+
+
+def _evaluate_body(ctx: Context, job: Job, run: JobRun) -> None:
+    from models.evaluate import evaluate
+
+    params = job.params
+    model_row, dataset, model, meta, data, suite = _evaluation_inputs(ctx, job, run)
     report, records = evaluate(model, meta, data, suite, batch_size=params["batch_size"], seed=params["seed"],
                                strategy=params.get("strategy", "full"), diagnostics=params.get("diagnostics", True),
                                progress=run.progress, should_stop=run.should_stop, device=device_name(ctx.settings),
-                               dataset_info={"id": dataset.id, "name": dataset.name, "format": dataset.format,
-                                             "protocol": params["protocol"], "split": params["split"]},
+                               dataset_info=_dataset_info(dataset, params),
                                model_info={"name": model_row.name, "id": model_row.id})
+    _store_report(ctx, job, run, model_row, dataset, report, records)
+
+
+def _store_report(ctx: Context, job: Job, run: JobRun, model_row: Model, dataset: Dataset, report: dict,
+                  records) -> None:
+    """Upload the report and its per-clip table, then commit the ``reports`` row with the
+    job's success."""
     report_id = new_id()
     key = f"reports/{report_id}/report.json"
     records_key = clips_key(key)
@@ -528,6 +552,135 @@ def _evaluate_body(ctx: Context, job: Job, run: JobRun) -> None:
 @app.task(name=EVALUATE_TASK, acks_late=True, reject_on_worker_lost=True)
 def evaluate_job(job_id: str) -> None:
     run_job(job_id, _evaluate_body)
+
+
+# ---------------------------------------------------------------------------------------
+# Sharded evaluation (``service.shards``)
+
+
+def _settle_parent(ctx: Context, parent_id: str) -> None:
+    from service.shards import settle
+
+    def send_merge(pid: str) -> None:
+        app.send_task(MERGE_TASK, args=[pid])
+
+    try:
+        with ctx.sessions() as session:
+            settle(session, parent_id, send_merge, ctx.settings.heartbeat_timeout_s)
+    except Exception:  # the housekeeping pass settles it later
+        log.exception("evaluation %s: could not be settled after its shard", parent_id)
+
+
+def _shard_body(ctx: Context, job: Job, run: JobRun) -> None:
+    import numpy as np
+    from torch.utils.data import Subset
+
+    from models.evaluate import clip_identities, run_records
+    from service.shards import chunk_key, chunk_prefix, shard_bounds, start_parent
+
+    parent = ctx.read(Job, job.parent_id)
+
+    def started() -> None:
+        with ctx.sessions() as session:
+            start_parent(session, parent.id)
+
+    ctx.patient(f"job {job.id}: start evaluation {parent.id}", started)
+    params = parent.params
+    _model_row, _dataset, model, _meta, data, suite = _evaluation_inputs(ctx, parent, run)
+    ids = np.asarray(clip_identities(data), dtype=np.int64)
+    lo, hi = shard_bounds(len(data), job.shard_index, parent.shard_count)
+    rows = np.arange(lo, hi)
+    size = max(1, ctx.settings.shard_chunk_clips)
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    saved = set(ctx.patient(f"job {job.id}: list saved chunks", lambda: ctx.store.list(chunk_prefix(job.id))))
+    log.info("job %s: shard %d of %d, clips %d..%d of %d in %d chunk(s), %d already saved", job.id,
+             job.shard_index + 1, parent.shard_count, lo, hi - 1, len(data), len(chunks),
+             sum(chunk_key(job.id, k) in saved for k in range(len(chunks))))
+    for k, chunk in enumerate(chunks):
+        key = chunk_key(job.id, k)
+        if key in saved:
+            continue
+
+        def progress(info: dict, k: int = k) -> None:
+            inner = info.get("step", 0) / max(info.get("steps", 1), 1)
+            run.progress({**info, "phase": "evaluate", "chunk": k + 1, "chunks": len(chunks),
+                          "step": int(1000 * (k + inner)), "steps": 1000 * len(chunks)})
+
+        records = run_records(model, Subset(data, chunk.tolist()), suite, batch_size=params["batch_size"],
+                              seed=params["seed"], strategy=params.get("strategy", "full"),
+                              diagnostics=params.get("diagnostics", True), device=device_name(ctx.settings),
+                              progress=progress, should_stop=run.should_stop, clip_ids=ids[chunk].tolist())
+        buffer = io.BytesIO()
+        records.save(buffer)
+        ctx.patient(f"job {job.id}: save chunk {k + 1}", lambda: ctx.store.put_bytes(key, buffer.getvalue()))
+        log.info("job %s: chunk %d of %d saved (%d clips)", job.id, k + 1, len(chunks), len(chunk))
+    _commit_success(ctx, job.id, run.attempt, lambda: [],
+                    progress={"phase": "done", "clips": int(hi - lo), "chunks": len(chunks)}, cleanup=lambda: None)
+
+
+@app.task(name=SHARD_TASK, acks_late=True, reject_on_worker_lost=True)
+def evaluate_shard_job(job_id: str) -> None:
+    run_job(job_id, _shard_body)
+
+
+def claim_merge(sessions: sessionmaker[Session], job_id: str, worker: str) -> int | None:
+    """Take the merge of a sharded evaluation whose shards all succeeded (a new attempt on
+    the running parent: an older merge still at work loses ownership)."""
+    from service.shards import children
+
+    with sessions() as session:
+        if not all(c.status == "succeeded" for c in children(session, job_id)):
+            return None
+        result = session.execute(update(Job).where(Job.id == job_id, Job.status == "running",
+                                                   Job.shard_count.is_not(None))
+                                 .values(attempts=Job.attempts + 1, heartbeat_at=utcnow(), worker=worker))
+        session.commit()
+        if result.rowcount != 1:
+            return None
+        return session.scalar(select(Job.attempts).where(Job.id == job_id))
+
+
+def _merge_body(ctx: Context, job: Job, run: JobRun) -> None:
+    from models.checkpoint import load_checkpoint, resolve_device
+    from models.evaluate import ClipRecords
+    from models.report import build_report
+    from service.shards import chunk_prefix, children
+
+    def shards() -> list[Job]:
+        with ctx.sessions() as session:
+            return children(session, job.id)
+
+    parts = []
+    for shard in ctx.patient(f"job {job.id}: read its shards", shards):
+        for key in ctx.patient(f"job {job.id}: list shard records", lambda: ctx.store.list(chunk_prefix(shard.id))):
+            data = ctx.patient(f"job {job.id}: read {key}", lambda: ctx.store.get_bytes(key))
+            parts.append(ClipRecords.load(io.BytesIO(data)))
+    records = ClipRecords.concat(parts)
+    if len(records.clip) != job.params["clips"]:
+        raise RuntimeError(f"the shards hold {len(records.clip)} clips, the evaluation has {job.params['clips']}")
+    params = job.params
+    model_row = ctx.read(Model, job.model_id)
+    dataset = ctx.read(Dataset, job.dataset_id)
+    device = resolve_device(device_name(ctx.settings))
+    model, meta = load_checkpoint(model_dir(ctx, model_row), device=device)
+    amr = model.amr_weights() if hasattr(model, "amr_weights") else []
+    seconds = (utcnow() - job.started_at).total_seconds() if job.started_at else None
+    report = build_report(records, meta, dataset_info=_dataset_info(dataset, params),
+                          model_info={"name": model_row.name, "id": model_row.id}, amr_weights=amr,
+                          config={"batch_size": params["batch_size"], "device": str(device),
+                                  "shards": job.shard_count}, seconds=seconds)
+    log.info("job %s: merged %d shard(s), %d clips", job.id, job.shard_count, len(records.clip))
+    _store_report(ctx, job, run, model_row, dataset, report, records)
+    for shard in shards():  # the merged table is in the report now
+        try:
+            ctx.store.delete_prefix(chunk_prefix(shard.id))
+        except Exception:
+            log.exception("job %s: the records of shard %s were left in the store", job.id, shard.id)
+
+
+@app.task(name=MERGE_TASK, acks_late=True, reject_on_worker_lost=True)
+def merge_shards_job(job_id: str) -> None:
+    run_job(job_id, _merge_body, claimer=claim_merge)
 
 
 # ---------------------------------------------------------------------------------------
@@ -582,6 +735,11 @@ class WorkerBeat:
 _process: dict[str, Any] = {}
 
 
+def worker_name() -> str:
+    """This worker's Celery node name (``name@host``), or the host name outside a worker."""
+    return _process.get("name") or socket.gethostname()
+
+
 @signals.worker_ready.connect
 def _worker_ready(sender=None, **_kwargs) -> None:
     ctx = context()
@@ -590,6 +748,7 @@ def _worker_ready(sender=None, **_kwargs) -> None:
 
         torch.set_num_threads(ctx.settings.worker_torch_threads)
     name = getattr(sender, "hostname", None) or f"{socket.gethostname()}:{os.getpid()}"
+    _process["name"] = name
     _process["beat"] = WorkerBeat(ctx, name).start()
     _process["reaper"] = Reaper(ctx.sessions, ctx.settings, app).start(immediately=True)
 

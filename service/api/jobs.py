@@ -27,9 +27,10 @@ from service.db import FINISHED, ApiKey, Dataset, Job, JobGroup, Model, Report, 
 from service.schemas import MAX_OFFSET
 from service.settings import Settings
 from service.schemas import (EvaluateJobCreate, JobCreate, JobInputs, JobList, JobOutputs, JobPublic, JobStatus,
-                             JobTimings, Links, TrainJobCreate)
+                             JobTimings, Links, ShardPublic, TrainJobCreate)
+from service.shards import auto_shards, cancel_parent, make_shards, retry_parent, settle
 from service.store import ObjectNotFound
-from worker.celery_app import TASK_FOR_KIND
+from worker.celery_app import MERGE_TASK, TASK_FOR_KIND
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("robustact.api")
@@ -45,8 +46,23 @@ def _seconds(a, b) -> float | None:
     return (b - a).total_seconds() if a and b else None
 
 
+def _fraction(shard: Job) -> float:
+    if shard.status == "succeeded":
+        return 1.0
+    progress = shard.progress or {}
+    if progress.get("phase") == "evaluate" and progress.get("steps"):
+        return min(1.0, max(0.0, progress.get("step", 0) / progress["steps"]))
+    return 0.0
+
+
+def _shards_progress(shards: list[Job]) -> dict[str, Any]:
+    counts = {status: sum(s.status == status for s in shards) for status in ("queued", "running", "succeeded")}
+    return {"phase": "merge" if counts["succeeded"] == len(shards) else "shards", "shards": len(shards), **counts,
+            "fraction": sum(_fraction(s) for s in shards) / len(shards)}
+
+
 def job_public(job: Job, model_id: str | None = None, report_id: str | None = None,
-               max_attempts: int = 3) -> JobPublic:
+               max_attempts: int = 3, shards: list[Job] | None = None) -> JobPublic:
     links: dict[str, str] = {"self": f"/v1/jobs/{job.id}", "log": f"/v1/jobs/{job.id}/log"}
     if job.status in ("queued", "running"):
         links["cancel"] = f"/v1/jobs/{job.id}/cancel"
@@ -62,6 +78,11 @@ def job_public(job: Job, model_id: str | None = None, report_id: str | None = No
         links["evaluated_model"] = f"/v1/models/{job.model_id}"
     if job.group_id:
         links["sweep"] = f"/v1/sweeps/{job.group_id}"
+    if job.parent_id:
+        links["evaluation"] = f"/v1/jobs/{job.parent_id}"
+    progress = job.progress
+    if shards and job.status in ("queued", "running"):
+        progress = _shards_progress(shards)
     end = job.finished_at or (utcnow() if job.status == "running" else None)
     queued_at = job.queued_at or job.created_at
     # The wait ends when the current attempt starts (a start from before it was last queued
@@ -72,14 +93,16 @@ def job_public(job: Job, model_id: str | None = None, report_id: str | None = No
     return JobPublic(
         id=job.id, kind=job.kind, status=job.status,
         inputs=JobInputs(dataset_id=job.dataset_id, model_id=job.model_id if job.kind == "evaluate" else None),
-        params=job.params, group_id=job.group_id, progress=job.progress, error=job.error,
+        params=job.params, group_id=job.group_id, progress=progress, error=job.error,
         cancel_requested=job.cancel_requested, attempts=job.attempts,
         attempts_left=max(0, max_attempts - (job.attempts - (job.attempt_base or 0))), worker=job.worker,
         timings=JobTimings(created_at=job.created_at, queued_at=queued_at, sent_at=job.sent_at,
                            started_at=job.started_at, finished_at=job.finished_at, heartbeat_at=job.heartbeat_at,
                            queued_seconds=_seconds(queued_at, waited_until),
                            running_seconds=_seconds(job.started_at, end) if waited_until == job.started_at else None),
-        outputs=JobOutputs(model_id=model_id, report_id=report_id), links=Links(**links))
+        outputs=JobOutputs(model_id=model_id, report_id=report_id), links=Links(**links),
+        shards=[ShardPublic(index=s.shard_index, id=s.id, status=s.status, attempts=s.attempts, worker=s.worker,
+                            fraction=_fraction(s), error=s.error) for s in shards] if shards else None)
 
 
 def _outputs(session: Session, job_ids: list[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -90,9 +113,19 @@ def _outputs(session: Session, job_ids: list[str]) -> tuple[dict[str, str], dict
     return models, reports
 
 
+def _shards(session: Session, jobs: list[Job]) -> dict[str, list[Job]]:
+    parents = [j.id for j in jobs if j.shard_count]
+    found: dict[str, list[Job]] = {}
+    if parents:
+        for shard in session.scalars(select(Job).where(Job.parent_id.in_(parents)).order_by(Job.shard_index)):
+            found.setdefault(shard.parent_id, []).append(shard)
+    return found
+
+
 def _public(session: Session, job: Job, settings: Settings) -> JobPublic:
     models, reports = _outputs(session, [job.id])
-    return job_public(job, models.get(job.id), reports.get(job.id), settings.max_attempts)
+    return job_public(job, models.get(job.id), reports.get(job.id), settings.max_attempts,
+                      _shards(session, [job]).get(job.id))
 
 
 def _config_error(e: ConfigError) -> NoReturn:
@@ -144,10 +177,14 @@ def _evaluate_params(session: Session, body: EvaluateJobCreate,
     except ConfigError as e:
         invalid({"eps_rgb": "eps", "eps_skel": "eps", "alpha_rgb": "alpha", "alpha_skel": "alpha"}
                 .get(e.field, e.field if e.field in EvaluateJobCreate.model_fields else "attacks"), e.message)
+    available = dataset.info["splits"][protocol][body.split]
+    clips = min(available, body.max_samples) if body.max_samples else available
+    if body.shards is not None and body.shards > clips:
+        invalid("shards", f"{body.shards} shards for {clips} clips; at most one shard per clip", body.shards)
     params = {"request": body.model_dump(mode="json"), "protocol": protocol, "split": body.split,
               "suite": [c.to_dict() for c in suite], "batch_size": body.batch_size, "seed": body.seed,
               "max_samples": body.max_samples, "strategy": body.strategy or default_strategy(body.attacks),
-              "diagnostics": body.diagnostics}
+              "diagnostics": body.diagnostics, "clips": clips, "shards": body.shards or auto_shards(clips)}
     return params, dataset, model
 
 
@@ -161,7 +198,7 @@ def new_job(session: Session, body: TrainJobCreate | EvaluateJobCreate, caller: 
                    owner_id=caller.id)
     params, dataset, model = _evaluate_params(session, body, caller)
     return Job(id=new_id(), kind="evaluate", status="queued", params=params, dataset_id=dataset.id,
-               model_id=model.id, owner_id=caller.id)
+               model_id=model.id, owner_id=caller.id, shard_count=params["shards"] if params["shards"] > 1 else None)
 
 
 ACTIVE = ("queued", "running")
@@ -177,7 +214,7 @@ def check_quota(session: Session, caller: Caller, settings: Settings, jobs: int 
     if jobs:
         limit = caller.max_active_jobs if caller.max_active_jobs is not None else settings.max_active_jobs
         active = session.scalar(select(func.count()).select_from(Job).where(
-            Job.owner_id == caller.id, Job.group_id.is_(None), Job.status.in_(ACTIVE)))
+            Job.owner_id == caller.id, Job.group_id.is_(None), Job.parent_id.is_(None), Job.status.in_(ACTIVE)))
         checks.append((active, jobs, limit, "queued or running jobs (outside sweeps)"))
     if sweeps:
         limit = caller.max_active_sweeps if caller.max_active_sweeps is not None else settings.max_active_sweeps
@@ -223,8 +260,17 @@ def submit_jobs(session: Session, celery, jobs: list[Job], group: JobGroup | Non
         for job in jobs:
             job.group_id = group.id
     session.add_all(jobs)
+    session.flush()  # parents before the shards that point at them
+    sent = []
+    for job in jobs:
+        if job.shard_count:  # a sharded evaluation: its shards are the jobs sent
+            shards = make_shards(job)
+            session.add_all(shards)
+            sent += shards
+        else:
+            sent.append(job)
     session.commit()
-    enqueue(session, celery, jobs)
+    enqueue(session, celery, sent)
 
 
 @router.post("", status_code=202, response_model=JobPublic,
@@ -238,7 +284,7 @@ def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings
         check_quota(session, caller, settings, jobs=1)
         remember(session, caller, idempotency_key, route, digest, f"jobs/{job.id}")
         submit_jobs(session, celery, [job])
-        return job_public(job, max_attempts=settings.max_attempts)
+        return _public(session, job, settings)
 
     def replay(resource: str) -> JobPublic:
         return _public(session, get_visible(session, Job, resource.split("/", 1)[1], caller, "job"), settings)
@@ -251,9 +297,12 @@ def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings
 @router.get("", response_model=JobList)
 def list_jobs(caller: CallerDep, session: SessionDep, settings: SettingsDep, status: JobStatus | None = None, kind: Literal["train", "evaluate"] | None = None,
               dataset_id: str | None = None, model_id: str | None = None, group_id: str | None = None,
+              parent_id: str | None = Query(None, description="the shard jobs of this sharded evaluation (shards are "
+                                                              "listed only this way)"),
               limit: int = Query(50, ge=1, le=500),
               offset: int = Query(0, ge=0, le=MAX_OFFSET, description="rows to skip")):
     query = scoped(select(Job), Job, caller)
+    query = query.where(Job.parent_id == parent_id) if parent_id is not None else query.where(Job.parent_id.is_(None))
     for column, value in ((Job.status, status), (Job.kind, kind), (Job.dataset_id, dataset_id),
                           (Job.model_id, model_id), (Job.group_id, group_id)):
         if value is not None:
@@ -261,7 +310,9 @@ def list_jobs(caller: CallerDep, session: SessionDep, settings: SettingsDep, sta
     total = session.scalar(select(func.count()).select_from(query.subquery()))
     jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
     models, reports = _outputs(session, [j.id for j in jobs])
-    return JobList(items=[job_public(j, models.get(j.id), reports.get(j.id), settings.max_attempts) for j in jobs],
+    shards = _shards(session, jobs)
+    return JobList(items=[job_public(j, models.get(j.id), reports.get(j.id), settings.max_attempts, shards.get(j.id))
+                          for j in jobs],
                    total=total,
                    limit=limit, offset=offset)
 
@@ -271,12 +322,23 @@ def get_job(job_id: str, caller: CallerDep, session: SessionDep, settings: Setti
     return _public(session, get_visible(session, Job, job_id, caller, "job"), settings)
 
 
+def _not_a_shard(job: Job, action: str) -> None:
+    if job.parent_id:
+        raise HTTPException(status_code=409, detail=f"job {job.id!r} is a shard of evaluation {job.parent_id!r}; "
+                                                    f"{action} the evaluation (POST /v1/jobs/{job.parent_id}/{action})")
+
+
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
 def cancel_job(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep):
     """A queued job is cancelled at once; a running one stops at the worker's next step."""
     job = get_visible(session, Job, job_id, caller, "job")
+    _not_a_shard(job, "cancel")
     if job.status in FINISHED:
         raise HTTPException(status_code=409, detail=f"job {job_id!r} already {job.status}")
+    if job.shard_count:  # a sharded evaluation: the evaluation and all its shards
+        cancel_parent(session, job)
+        session.refresh(job)
+        return _public(session, job, settings)
     now = utcnow()
     result = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
         status="cancelled", cancel_requested=True, finished_at=now))
@@ -292,8 +354,21 @@ def retry_job(job_id: str, caller: CallerDep, session: SessionDep, settings: Set
     """Queue a failed or cancelled job again, with a fresh budget of attempts; training resumes
     from its last epoch. It counts against the quota of the key retrying it, like a new job."""
     job = get_visible(session, Job, job_id, caller, "job")
+    _not_a_shard(job, "retry")
     if job.status in ("failed", "cancelled") and job.group_id is None:
         check_quota(session, caller, settings, jobs=1)
+    if job.shard_count:
+        if job.status not in ("failed", "cancelled"):
+            raise HTTPException(status_code=409, detail=f"job {job_id!r} is {job.status}; only failed or cancelled "
+                                                        "jobs can be retried")
+        redo = retry_parent(session, job)
+        if redo:
+            enqueue(session, celery, redo)
+        else:  # every shard had succeeded: only the merge is left
+            settle(session, job.id, lambda pid: celery.send_task(MERGE_TASK, args=[pid]),
+                   settings.heartbeat_timeout_s)
+        session.refresh(job)
+        return _public(session, job, settings)
     # A retry by a user gives the job its full budget of attempts again (``attempts`` itself
     # only grows: it is the ownership token of a run).
     result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(("failed", "cancelled"))).values(
@@ -310,25 +385,33 @@ def retry_job(job_id: str, caller: CallerDep, session: SessionDep, settings: Set
 
 @router.get("/{job_id}/log", response_class=StreamingResponse)
 def get_job_log(job_id: str, caller: CallerDep, session: SessionDep, store: StoreDep):
-    """Every attempt's log, oldest first, each under a ``----- attempt N -----`` line. A
-    running attempt's log is uploaded every few seconds and at every epoch end, so it is
-    there before the job finishes, and an attempt whose worker was killed keeps its log."""
-    get_visible(session, Job, job_id, caller, "job")
-    keys = [k for k in store.list(f"jobs/{job_id}/logs") if k.endswith(".log")]
-    if not keys and store.exists(f"jobs/{job_id}/job.log"):  # written before per-attempt logs
-        keys = [f"jobs/{job_id}/job.log"]
-    if not keys:
+    """Every attempt's log, oldest first, each under a ``----- attempt N -----`` line (a
+    sharded evaluation: each shard's attempts, then the merge's). A running attempt's log is
+    uploaded every few seconds and at every epoch end, so it is there before the job
+    finishes, and an attempt whose worker was killed keeps its log."""
+    job = get_visible(session, Job, job_id, caller, "job")
+    parts: list[tuple[str, str]] = []
+    for shard in _shards(session, [job]).get(job.id, []):
+        parts += _log_parts(store, shard.id, f"shard {shard.shard_index + 1} of {job.shard_count}, ")
+    parts += _log_parts(store, job_id, "merge, " if job.shard_count else "")
+    if not parts:
         raise HTTPException(status_code=404, detail=f"job {job_id!r} has no log yet (it has not started)")
-    first = store.stream(keys[0])  # an error (store down) is raised here, before the 200 is sent
+    first = store.stream(parts[0][1])  # an error (store down) is raised here, before the 200 is sent
 
     def chunks():
-        for index, key in enumerate(keys):
-            name = key.rsplit("/", 1)[-1]
-            if name.startswith("attempt-"):
-                yield f"----- attempt {int(name[8:-4])} -----\n".encode()
+        for index, (header, key) in enumerate(parts):
+            if header:
+                yield header.encode()
             try:
                 yield from (first if index == 0 else store.stream(key))
             except ObjectNotFound:  # deleted meanwhile
                 continue
 
     return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8")
+
+
+def _log_parts(store, job_id: str, what: str) -> list[tuple[str, str]]:
+    keys = [k for k in store.list(f"jobs/{job_id}/logs") if k.endswith(".log")]
+    if not keys and store.exists(f"jobs/{job_id}/job.log"):  # written before per-attempt logs
+        return [("", f"jobs/{job_id}/job.log")]
+    return [(f"----- {what}attempt {int(k.rsplit('/', 1)[-1][8:-4])} -----\n", k) for k in keys]

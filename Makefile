@@ -44,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/classify_latency.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache .hypothesis

@@ -30,11 +30,26 @@ from service.metrics import install_metrics
 from service.middleware import Admission, Admit, Authenticate, LimitBody
 from service.backends import is_outage
 from service.reaper import Reaper
+from service.schemas import ErrorPublic
 from service.settings import Settings
 from service.store import StoreUnavailable, open_store
 from worker.celery_app import make_celery
 
 log = logging.getLogger("robustact.api")
+
+
+def _error(description: str) -> dict:
+    # The schema spelled out, not ``model``: FastAPI would file it under the route's own media
+    # type, text/html for the HTML pages, while errors are always JSON.
+    return {"description": description, "content": {"application/json": {"schema": ErrorPublic.model_json_schema()}}}
+
+
+# Every /v1 route checks its key in the database before anything else, so any of them may
+# answer these (the other codes are documented by the routes that give them).
+V1_ERRORS = {
+    401: _error("no API key, or an invalid or revoked one"),
+    503: _error("a backend (database, broker, object store, decoder) is unreachable or busy; retry after Retry-After"),
+}
 
 
 def _unavailable(what: str, exc: Exception) -> JSONResponse:
@@ -126,5 +141,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     for module in (keys, datasets, jobs, sweeps, models, reports):  # every /v1 route needs a key
-        app.include_router(module.router, dependencies=[Depends(get_caller)])
+        app.include_router(module.router, dependencies=[Depends(get_caller)], responses=V1_ERRORS)
     return app

@@ -9,6 +9,7 @@ import time
 from typing import Callable
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
@@ -57,7 +58,12 @@ def _check_store(request: Request) -> str:
     return "ok"
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: str = Field(description="ready | not ready")
+    checks: dict[str, str] = Field(description="database, broker, store, workers: ok (...) or error: ...")
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
 def readyz(request: Request):
     checks: dict[str, Callable[[Request], str]] = {
         "database": _check_database, "broker": _check_broker, "store": _check_store, "workers": _check_workers}

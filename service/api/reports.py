@@ -92,7 +92,8 @@ def _comparison(session, store: Store, caller: Caller, ids: list[str], documents
     return table
 
 
-@router.get("/compare")
+@router.get("/compare", responses={200: {"content": {"text/plain": {}},
+                                         "description": "the Table-2 comparison as JSON, or as text (format=text)"}})
 def compare_reports(caller: CallerDep, session: SessionDep, store: StoreDep,
                     ids: list[str] = Query(..., description="report ids (repeat ids=… or comma-separate)"),
                     baseline: str | None = Query(None, description="id of the baseline report (default: the first)"),

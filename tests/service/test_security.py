@@ -82,6 +82,19 @@ def test_every_v1_route_needs_a_valid_key(api, tmp_path):
     assert ready.json()["checks"]["workers"].startswith("error: NotEnoughWorkers: 0 alive")
 
 
+def test_every_v1_route_documents_401_and_503_as_json(api):
+    """Any /v1 route may answer them (the key is looked up in the database first), and as
+    JSON ``{"detail"}`` also where its own answer is an HTML page."""
+    paths = api.app.openapi()["paths"]
+    for method, path in _operations(api.app):
+        if path.startswith("/v1"):
+            responses = paths[path][method.lower()]["responses"]
+            for status in ("401", "503"):
+                content = responses[status]["content"]
+                assert list(content) == ["application/json"], (method, path, status)
+                assert content["application/json"]["schema"]["required"] == ["detail"]
+
+
 def test_keys_are_shown_once_and_admin_routes_need_admin(api):
     r = api.post("/v1/keys", json={"name": "bob", "max_active_jobs": 3})
     assert r.status_code == 201, r.text

@@ -38,7 +38,7 @@ def _user_errors():
     try:
         yield
     except (ConfigError, CheckpointError, ReportError, SkeletonFormatError, VideoDecodeError,
-            FileNotFoundError, ValueError) as e:
+            FileNotFoundError, FileExistsError, ValueError) as e:
         _fail(str(e))
 
 
@@ -102,10 +102,16 @@ def data_synth(
 @data_app.command("prepare")
 def data_prepare(
     root: Annotated[Path, typer.Argument(help="NTU RGB+D 60 root (holding nturgb+d_skeletons/ and nturgb+d_rgb/), real or synthetic.")],
-    out: Annotated[Path, typer.Option(help="Cache directory to write (meta.json + .npy arrays).")],
+    out: Annotated[Path, typer.Option(help="Cache directory to write (meta.json, skel.npy, labels.npy, clips/).")],
     preset: Annotated[str, typer.Option(help="Model preset whose input sizes the cache is decoded to: tiny or paper.")] = "tiny",
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding processes (default: one per core).")] = None,
+    cache_format: Annotated[str, typer.Option(help="How RGB frames are stored: raw (exact) or jpeg (several times smaller "
+                                                   "on real video, lossy; train and evaluate on the same format).")] = "raw",
 ):
-    """Decode every sample once (PyAV video, skeleton text) into a compact cache that training reads."""
+    """Decode every sample once (PyAV video, skeleton text) into a compact cache that training reads.
+
+    Clips are decoded by a pool of processes and written one file each: an interrupted run resumes where it stopped
+    when run again with the same settings. The cache becomes readable only once complete."""
     with _user_errors():
         from models.config import PRESETS, ConfigError
         from models.data.cache import prepare
@@ -115,7 +121,8 @@ def data_prepare(
         p = PRESETS[preset]
         with _progress_bar("decoding") as update:
             summary = prepare(root, out, rgb_frames=p["rgb_frames"], rgb_size=p["rgb_size"],
-                              skel_frames=p["skel_frames"], progress=lambda d, t: update(d, t))
+                              skel_frames=p["skel_frames"], progress=lambda d, t: update(d, t),
+                              workers=workers, cache_format=cache_format)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -223,6 +230,7 @@ def evaluate(
     restarts: Annotated[int, typer.Option(min=1, max=100, help="Restarts of every randomised attack (PGD/CW with random start, APGD, Square); the worst per clip is kept.")] = 1,
     worst_case_only: Annotated[Optional[bool], typer.Option("--worst-case-only/--full", help="Worst-case cascade (per budget and mode, cheapest attack first, only the clips still standing) instead of every attack on every clip. Default: cascade for autoattack, full otherwise.")] = None,
     diagnostics: Annotated[bool, typer.Option(help="Gradient-masking checks (zero gradients, unbounded attack, ...).")] = True,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: evaluate only the I-th of N equal slices of the clips (e.g. on N machines), then combine the N reports with `robustact merge`; the result equals an unsharded run.")] = None,
 ):
     """Attack a trained model with an attack suite (attacks × modes × ε) and write a report
     and its per-clip records."""
@@ -255,17 +263,83 @@ def evaluate(
         if limit is not None and limit < len(dataset):
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
             subset = Subset(dataset, sorted(order.tolist()))
+        shard_info = {}
+        if shard is not None:
+            from service.shards import shard_bounds
+
+            index, count = _shard_spec(shard)
+            if count > len(subset):
+                raise ConfigError("shard", f"{count} shards for {len(subset)} clips; at most one shard per clip")
+            lo, hi = shard_bounds(len(subset), index - 1, count)
+            subset = Subset(subset, list(range(lo, hi)))
+            shard_info = {"shard": f"{index}/{count}"}
         model_name = name or (model.parent.name if model.name == "model" else model.name)
         with _progress_bar("evaluating") as update:
             report, records = run_evaluation(
                 net, meta, subset, suite, batch_size=batch_size, seed=seed, device=device, strategy=strategy,
                 diagnostics=diagnostics,
                 progress=lambda p: update(p["step"], p["steps"], info=f"clean {p['clean_accuracy']:.1f}%"),
-                dataset_info={"cache": str(data), "protocol": protocol, "split": split},
+                dataset_info={"cache": str(data), "protocol": protocol, "split": split, **shard_info},
                 model_info={"name": model_name, "checkpoint": str(model)})
         _, clips = write_report(report, records, out)
     typer.echo(format_report(report))
     typer.echo(f"report written to {out}, per-clip records to {clips}")
+
+
+def _shard_spec(value: str) -> tuple[int, int]:
+    from models.config import ConfigError
+
+    try:
+        index, count = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise ConfigError("shard", f"expected I/N (e.g. 2/3), got {value!r}") from None
+    if not 1 <= index <= count:
+        raise ConfigError("shard", f"I/N needs 1 <= I <= N, got {value!r}")
+    return index, count
+
+
+@app.command()
+def merge(
+    reports: Annotated[list[Path], typer.Argument(help="The shard reports (JSON written by `evaluate --shard I/N`), their per-clip records beside them.")],
+    out: Annotated[Path, typer.Option(help="Report JSON to write; its per-clip records go beside it.")],
+):
+    """Combine the reports of `evaluate --shard I/N` runs into the report of the whole
+    evaluation (the per-clip tables concatenate; every figure is recomputed from them)."""
+    with _user_errors():
+        from models.checkpoint import load_checkpoint
+        from models.evaluate import ClipRecords
+        from models.report import build_report, format_report, write_report
+
+        documents = []
+        for path in reports:
+            document = json.loads(Path(path).read_text())
+            clips = Path(path).with_name(document.get("per_clip", {}).get("file") or Path(path).stem + ".clips.npz")
+            if not clips.is_file():
+                raise FileNotFoundError(f"{path}: its per-clip records {clips} are missing")
+            documents.append((document, ClipRecords.load(clips)))
+        shards = sorted(d["dataset"].get("shard", "") for d, _ in documents)
+        counts = {s.split("/")[1] for s in shards if s}
+        if len(counts) != 1 or len(shards) != int(next(iter(counts))) or len(set(shards)) != len(shards):
+            raise ValueError(f"expected the reports of shards 1..N of one evaluation, got shards {shards}")
+        first = documents[0][0]
+        for document, _ in documents[1:]:
+            for part in ("model", "dataset"):
+                a = {k: v for k, v in first[part].items() if k not in ("shard", "num_samples")}
+                b = {k: v for k, v in document[part].items() if k not in ("shard", "num_samples")}
+                if a != b:
+                    raise ValueError(f"the shard reports are of different {part}s: {a} vs {b}")
+        records = ClipRecords.concat([r for _, r in documents])
+        checkpoint = first["model"].get("checkpoint")
+        net, meta = load_checkpoint(Path(checkpoint))
+        dataset_info = {k: v for k, v in first["dataset"].items() if k not in ("shard", "num_samples", "class_names")}
+        model_info = {k: v for k, v in first["model"].items() if k in ("name", "checkpoint")}
+        report = build_report(records, meta, dataset_info=dataset_info, model_info=model_info,
+                              amr_weights=net.amr_weights() if hasattr(net, "amr_weights") else [],
+                              config={**first.get("config", {}), "shards": len(documents)})
+        _, clips = write_report(report, records, out)
+    typer.echo(format_report(report))
+    typer.echo(f"merged {len(documents)} shards ({len(records.clip)} clips): report written to {out}, "
+               f"per-clip records to {clips}")
 
 
 @app.command()

@@ -150,3 +150,14 @@ def test_flower_is_optional_on_loopback_behind_basic_auth(tmp_path):
     started = run("admin:secret")
     assert started.returncode == 0
     assert started.stdout.strip() == f"celery --broker={env['CELERY_BROKER_URL']} flower --port=5555"
+
+
+def test_the_gpu_worker_is_one_profile_flag_away():
+    resolved = services()
+    gpu = resolved["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"] and "profiles" not in resolved["worker"]  # the CPU worker always runs
+    assert "whl/cu" in gpu["build"]["args"]["TORCH_INDEX_URL"] and gpu["image"] != resolved["worker"]["image"]
+    assert gpu["environment"]["ROBUSTACT_DEVICE"] == "cuda"
+    assert gpu["environment"]["ROBUSTACT_BROKER_URL"] == resolved["worker"]["environment"]["ROBUSTACT_BROKER_URL"]
+    device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]

@@ -24,6 +24,7 @@ from sqlalchemy import func, select, update
 
 from service.api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, invalid
 from service.api.jobs import check_quota, new_job, submit_jobs
+from service.shards import cancel_parent
 from service.api.reports import render_views, report_document
 from service.auth import Caller, CallerDep, get_visible, scoped
 from service.db import FINISHED, Job, JobGroup, Model, Report, new_id, utcnow
@@ -231,12 +232,16 @@ def cancel_sweep(sweep_id: str, caller: CallerDep, session: SessionDep):
     """Queued jobs are cancelled at once, running ones stop at their worker's next step;
     finished jobs are left as they are."""
     group = get_visible(session, JobGroup, sweep_id, caller, "sweep")
+    sharded = session.scalars(select(Job).where(Job.group_id == sweep_id, Job.shard_count.is_not(None),
+                                                Job.status.in_(("queued", "running")))).all()
+    for parent in sharded:  # a sharded evaluation: its shards too
+        cancel_parent(session, parent)
     result = session.execute(update(Job).where(Job.group_id == sweep_id, Job.status == "queued").values(
         status="cancelled", cancel_requested=True, finished_at=utcnow()))
     running = session.execute(update(Job).where(Job.group_id == sweep_id, Job.status == "running").values(
         cancel_requested=True))
     session.commit()
-    if result.rowcount == 0 and running.rowcount == 0:
+    if result.rowcount == 0 and running.rowcount == 0 and not sharded:
         raise HTTPException(status_code=409, detail=f"sweep {sweep_id!r} has no queued or running job left")
     session.expire_all()
     return sweep_public(session, group)

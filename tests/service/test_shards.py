@@ -141,3 +141,35 @@ def test_a_failing_shard_fails_the_evaluation(live_service, synthetic_root):
     done = svc.wait_job(job["id"], timeout=120)
     assert done["status"] == "failed" and done["error"].startswith("shard "), done
     assert {s["status"] for s in done["shards"]} <= {"failed", "cancelled"}
+
+
+def test_a_sweep_of_sharded_evaluations_runs_and_cancels_with_its_shards(live_service, synthetic_root):
+    svc = live_service("embedded", workers=2)
+    _dataset, model = _setup(svc, synthetic_root)
+    r = svc.client.post("/v1/sweeps", json={"kind": "evaluate", "base": {"model_id": model, **SUITE, "shards": 2},
+                                            "grid": {"eps": [[4], [8]]}})
+    assert r.status_code == 202, r.text
+    sweep = r.json()
+    deadline = time.monotonic() + 240
+    while (sweep := svc.client.get(f"/v1/sweeps/{sweep['id']}").json())["status"] not in ("succeeded", "failed",
+                                                                                         "partial", "cancelled"):
+        assert time.monotonic() < deadline, sweep
+        time.sleep(0.3)
+    assert sweep["status"] == "succeeded" and sweep["counts"]["succeeded"] == 2, sweep
+    assert all(j["report_id"] for j in sweep["jobs"])
+    for entry in sweep["jobs"]:
+        job = svc.client.get(f"/v1/jobs/{entry['id']}").json()
+        assert len(job["shards"]) == 2 and job["params"]["shards"] == 2
+
+    r = svc.client.post("/v1/sweeps", json={"kind": "evaluate", "grid": {"eps": [[4], [8]]},
+                                            "base": {"model_id": model, **SUITE, "attacks": ["pgd200"], "shards": 3}})
+    sweep = r.json()
+    svc.wait_job(sweep["jobs"][0]["id"], until=lambda j: any(s["status"] == "running" for s in j["shards"]), timeout=60)
+    assert svc.client.post(f"/v1/sweeps/{sweep['id']}/cancel").status_code == 202
+    deadline = time.monotonic() + 60
+    while True:
+        shards = [s for entry in sweep["jobs"] for s in svc.client.get(f"/v1/jobs/{entry['id']}").json()["shards"]]
+        if all(s["status"] == "cancelled" for s in shards):
+            break
+        assert time.monotonic() < deadline, shards
+        time.sleep(0.3)

@@ -297,13 +297,15 @@ def _clean_pass(model, rgb, skel, labels):
 def run_records(model, dataset, suite: Sequence[AttackConfig], *, batch_size: int = 16, seed: int = 0,
                 strategy: str = "full", diagnostics: bool = True, device: str | None = None,
                 progress: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-                clip_ids: Sequence[int] | None = None) -> ClipRecords:
+                clip_ids: Sequence[int] | None = None, num_workers: int = 0) -> ClipRecords:
     """Attack every clip of ``dataset`` with ``suite`` and return the per-clip table.
 
     Stage by stage, AutoAttack style: a clean pass over every clip, then each suite entry
     over the clips it has to attack, re-batched (``batch_size``) so that a cascade's few
     survivors still fill whole batches. Per-clip random streams make the result independent
-    of that batching."""
+    of that batching. ``num_workers`` DataLoader processes read (and, from a ``jpeg``
+    cache, decode) the clips of each stage while the model runs; the result does not
+    depend on it (the order is fixed and loading draws no random number)."""
     if strategy not in STRATEGIES:
         raise ConfigError("strategy", f"must be one of {STRATEGIES}, got {strategy!r}")
     suite = list(suite)
@@ -321,7 +323,8 @@ def run_records(model, dataset, suite: Sequence[AttackConfig], *, batch_size: in
 
     def batches(rows: np.ndarray, label: str):
         """(positions, rgb, skel, labels) batches of the clips at ``rows``."""
-        loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, shuffle=False)
+        loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers)
         done = 0
         for step, (rgb, skel, labels) in enumerate(loader):
             if should_stop is not None and should_stop():
@@ -396,14 +399,16 @@ def evaluate(model, meta: dict[str, Any], dataset, suite: list[AttackConfig], *,
              seed: int = 0, strategy: str = "full", diagnostics: bool = True,
              progress: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
              device: str | None = None, dataset_info: dict[str, Any] | None = None,
-             model_info: dict[str, Any] | None = None) -> tuple[dict[str, Any], ClipRecords]:
+             model_info: dict[str, Any] | None = None, num_workers: int = 0) -> tuple[dict[str, Any], ClipRecords]:
     """Run the suite and aggregate: returns ``(report, records)``; the report
-    (``robustact.report/v2``) is derived from the records alone (plus identity fields)."""
+    (``robustact.report/v2``) is derived from the records alone (plus identity fields).
+    ``num_workers``: DataLoader processes loading clips (see ``run_records``)."""
     from .report import build_report
 
     t0 = time.perf_counter()
     records = run_records(model, dataset, suite, batch_size=batch_size, seed=seed, strategy=strategy,
-                          diagnostics=diagnostics, device=device, progress=progress, should_stop=should_stop)
+                          diagnostics=diagnostics, device=device, progress=progress, should_stop=should_stop,
+                          num_workers=num_workers)
     amr = model.amr_weights() if hasattr(model, "amr_weights") else []
     report = build_report(records, meta, dataset_info=dataset_info, model_info=model_info, amr_weights=amr,
                           config={"batch_size": batch_size, "device": str(resolve_device(device))},

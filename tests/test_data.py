@@ -5,10 +5,15 @@ from __future__ import annotations
 import ast
 import io
 import json
+import multiprocessing
+import os
+import pickle
 import shutil
+import signal
 import sys
 import time
 import warnings
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import av
@@ -489,8 +494,8 @@ def test_find_samples_errors_and_default_names(tmp_path):
 def test_prepare_writes_meta_and_arrays(prepared, syn_root):
     cache_dir, meta, caught, calls = prepared
     _, summary, _ = syn_root
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["labels.npy", "meta.json",
-                                                          "rgb.npy", "skel.npy"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["clips", "labels.npy", "meta.json",
+                                                          "prepare.json", "skel.npy"]
     assert json.loads((cache_dir / "meta.json").read_text()) == meta
     assert meta["format"] == cache.CACHE_FORMAT
     assert meta["class_names"] == summary["class_names"]
@@ -503,7 +508,10 @@ def test_prepare_writes_meta_and_arrays(prepared, syn_root):
     assert len(skipped) == 1 and "S001C001P001R002A001" in str(skipped[0].message)
     assert calls[-1] == (2 * summary["num_samples"],) * 2
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
-    rgb = np.load(cache_dir / "rgb.npy", allow_pickle=False)
+    assert sorted(p.name for p in (cache_dir / "clips").iterdir()) == \
+        sorted(f"{s['name']}.npz" for s in meta["samples"])
+    rgb = np.stack([np.load(cache_dir / "clips" / f"{s['name']}.npz", allow_pickle=False)["rgb"]
+                    for s in meta["samples"]])
     skel = np.load(cache_dir / "skel.npy", allow_pickle=False)
     labels = np.load(cache_dir / "labels.npy", allow_pickle=False)
     assert rgb.shape == (n, 3, RGB_FRAMES, RGB_SIZE, RGB_SIZE) and rgb.dtype == np.uint8
@@ -590,7 +598,10 @@ def test_prepare_failure_leaves_no_cache(syn_root, prepared, tmp_path):
         warnings.simplefilter("ignore", SkippedSampleWarning)
         prepare(broken, out / "new", RGB_FRAMES, RGB_SIZE, SKEL_FRAMES)
     assert str(target) in str(info.value) and "line 11" in str(info.value)
-    assert list(out.iterdir()) == []
+    # Only the partial cache is left (kept for resuming), and nothing reads it as a cache.
+    assert [p.name for p in out.iterdir()] == [".new.partial"]
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        ClipDataset(out / ".new.partial")
     # An existing cache survives a failed re-prepare untouched.
     cache_dir, meta, _, _ = prepared
     existing = out / "existing"
@@ -598,8 +609,9 @@ def test_prepare_failure_leaves_no_cache(syn_root, prepared, tmp_path):
     with pytest.raises(SkeletonFormatError), warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedSampleWarning)
         prepare(broken, existing, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES)
-    assert sorted(p.name for p in out.iterdir()) == ["existing"]
+    assert sorted(p.name for p in out.iterdir()) == [".existing.partial", ".new.partial", "existing"]
     assert cache.load_meta(existing) == meta
+    assert cache.cache_digest(existing) == cache.cache_digest(cache_dir)
 
 
 def test_prepare_refuses_to_replace_a_foreign_directory(syn_root, tmp_path):
@@ -608,6 +620,180 @@ def test_prepare_refuses_to_replace_a_foreign_directory(syn_root, tmp_path):
     with pytest.raises(FileExistsError):
         prepare(root, tmp_path, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES)
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def _quiet_prepare(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedSampleWarning)
+        return prepare(*args, **kwargs)
+
+
+def test_prepare_with_two_workers_writes_the_same_cache(syn_root, prepared, tmp_path):
+    root, _, _ = syn_root
+    cache_dir, meta, _, _ = prepared
+    one = _quiet_prepare(root, tmp_path / "one", RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, workers=1)
+    two = _quiet_prepare(root, tmp_path / "two", RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, workers=2)
+    assert one["prepare"] == {"workers": 1, "decoded": meta["num_samples"], "reused": 0}
+    assert two["prepare"] == {"workers": 2, "decoded": meta["num_samples"], "reused": 0}
+    # Every array of every clip, skel.npy, labels.npy and the meta (but its run fields).
+    digest = cache.cache_digest(cache_dir)
+    assert cache.cache_digest(tmp_path / "one") == digest == cache.cache_digest(tmp_path / "two")
+    assert {k: v for k, v in one.items() if k not in cache.RUN_KEYS + ("cache_dir",)} == \
+        {k: v for k, v in meta.items() if k not in cache.RUN_KEYS + ("samples",)}
+    with pytest.raises(ValueError, match="workers"):
+        prepare(root, tmp_path / "zero", RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, workers=0)
+
+
+def _clip_files(cache_or_partial: Path) -> list[str]:
+    return sorted(p.name for p in (cache_or_partial / "clips").iterdir())
+
+
+@pytest.mark.parametrize("workers,crash", [(1, "error"), (2, "error"), (2, "killed")])
+def test_an_interrupted_prepare_resumes_with_the_clips_left(syn_root, prepared, tmp_path, workers, crash):
+    root, _, _ = syn_root
+    cache_dir, meta, _, _ = prepared
+    target = tmp_path / "cache"
+
+    killed = []
+
+    def interrupt(done, total):
+        if done >= 6 and not killed:  # three samples finished
+            if crash == "error":
+                raise KeyboardInterrupt
+            pool = [p for p in multiprocessing.active_children()
+                    if p.name.startswith(("ForkServerProcess", "SpawnProcess"))]
+            os.kill(pool[0].pid, signal.SIGKILL)
+            killed.append(pool[0].pid)
+
+    expected = KeyboardInterrupt if crash == "error" else BrokenProcessPool
+    with pytest.raises(expected) as info:
+        _quiet_prepare(root, target, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, progress=interrupt, workers=workers)
+    if crash == "killed":
+        assert "run prepare again to resume" in " ".join(info.value.__notes__)
+    partial = tmp_path / ".cache.partial"
+    assert not target.exists() and partial.is_dir()
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        ClipDataset(partial)
+    written = [name for name in _clip_files(partial) if name.endswith(".npz")]
+    assert len(written) >= 3 if workers > 1 else len(written) == 3
+    assert len(written) < meta["num_samples"]
+
+    calls = []
+    summary = _quiet_prepare(root, target, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, workers=workers,
+                             progress=lambda done, total: calls.append((done, total)))
+    total = 2 * (meta["num_samples"] + 1)
+    assert calls[0] == (2 * len(written), total) and calls[-1] == (total, total)
+    assert summary["prepare"] == {"workers": workers, "decoded": meta["num_samples"] - len(written),
+                                  "reused": len(written)}
+    assert cache.cache_digest(target) == cache.cache_digest(cache_dir)
+    assert _clip_files(target) == _clip_files(cache_dir)  # no torn write left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_prepare_never_mixes_geometries_or_formats(syn_root, tmp_path):
+    root, _, _ = syn_root
+    target = tmp_path / "cache"
+
+    def stop(done, total):
+        if done >= 4:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        _quiet_prepare(root, target, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, progress=stop, workers=1)
+    partial = tmp_path / ".cache.partial"
+    before = _clip_files(partial)
+    for change in (dict(rgb_size=RGB_SIZE * 2), dict(skel_frames=SKEL_FRAMES + 1), dict(cache_format="jpeg")):
+        args = {"rgb_frames": RGB_FRAMES, "rgb_size": RGB_SIZE, "skel_frames": SKEL_FRAMES, **change}
+        with pytest.raises(ValueError, match="earlier settings") as info:
+            _quiet_prepare(root, target, workers=1, **args)
+        assert str(partial) in str(info.value) and f"rgb_size={RGB_SIZE} " in str(info.value)
+    assert _clip_files(partial) == before and not target.exists()
+    summary = _quiet_prepare(root, target, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, workers=1)
+    assert summary["prepare"]["reused"] == len(before) == 2
+    # A complete cache of another geometry is replaced (on success only), never mixed in.
+    other = _quiet_prepare(root, target, RGB_FRAMES, RGB_SIZE * 2, SKEL_FRAMES, workers=1)
+    assert other["prepare"]["reused"] == 0 and ClipDataset(target)[0][0].shape[-1] == RGB_SIZE * 2
+
+
+def test_re_preparing_a_cache_decodes_only_changed_samples(syn_root, prepared, tmp_path):
+    root, _, _ = syn_root
+    cache_dir, meta, _, _ = prepared
+    source = tmp_path / "root"
+    shutil.copytree(root, source)  # copy2: sizes and modification times are kept
+    target = tmp_path / "cache"
+    shutil.copytree(cache_dir, target)
+    old_clip = (target / "clips" / "S001C002P003R001A002.npz").stat().st_ino
+    again = _quiet_prepare(source, target, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, workers=1)
+    assert again["prepare"] == {"workers": 1, "decoded": 0, "reused": meta["num_samples"]}
+    assert (target / "clips" / "S001C002P003R001A002.npz").stat().st_ino == old_clip  # linked, not copied
+    video = source / "nturgb+d_rgb" / "S001C002P003R001A002_rgb.avi"
+    os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 10**9))
+    (source / "nturgb+d_rgb" / "S001C001P003R001A003_rgb.avi").unlink()
+    changed = _quiet_prepare(source, target, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, workers=1)
+    assert changed["prepare"] == {"workers": 1, "decoded": 1, "reused": meta["num_samples"] - 2}
+    assert changed["num_samples"] == meta["num_samples"] - 1
+    assert "S001C001P003R001A003.npz" not in _clip_files(target)
+    assert cache.load_meta(cache_dir) == meta  # the original, hard-linked from, is untouched
+
+
+def test_jpeg_cache_round_trips_within_a_few_levels(syn_root, prepared, tmp_path):
+    root, _, _ = syn_root
+    cache_dir, meta, _, _ = prepared
+    summary = _quiet_prepare(root, tmp_path / "jpeg", RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, workers=1,
+                             cache_format="jpeg")
+    assert summary["cache_format"] == "jpeg" and summary["arrays"]["rgb"]["format"] == "jpeg"
+    name = meta["samples"][0]["name"]
+    with np.load(tmp_path / "jpeg" / "clips" / f"{name}.npz") as clip:
+        assert "rgb" not in clip.files and clip["rgb_jpeg_sizes"].shape == (RGB_FRAMES,)
+    raw, jpeg = ClipDataset(cache_dir, split="all"), ClipDataset(tmp_path / "jpeg", split="all")
+    errors = []
+    for i in range(len(raw)):
+        (r_rgb, r_skel, r_label), (j_rgb, j_skel, j_label) = raw[i], jpeg[i]
+        assert j_rgb.shape == r_rgb.shape and j_rgb.dtype == torch.float32
+        assert torch.equal(j_skel, r_skel) and j_label == r_label  # only RGB is compressed
+        errors.append((j_rgb - r_rgb).abs() * 255)
+    errors = torch.stack(errors)
+    # Measured here: max 20, mean 2.6 levels of 255 (sharp synthetic edges at 16x16 px).
+    assert 0 < float(errors.max()) <= 32 and float(errors.mean()) <= 3.5, (errors.max(), errors.mean())
+    # Encoding is deterministic: two workers write the same JPEG bytes.
+    _quiet_prepare(root, tmp_path / "jpeg2", RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, workers=2, cache_format="jpeg")
+    assert cache.cache_digest(tmp_path / "jpeg2") == cache.cache_digest(tmp_path / "jpeg") != \
+        cache.cache_digest(cache_dir)
+    with pytest.raises(ValueError, match="cache_format"):
+        prepare(root, tmp_path / "png", RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, cache_format="png")
+
+
+@pytest.mark.parametrize("fmt", ["raw", "jpeg"])
+def test_clip_dataset_loads_the_same_in_dataloader_workers(syn_root, prepared, tmp_path, fmt):
+    cache_dir = prepared[0]
+    if fmt == "jpeg":
+        cache_dir = tmp_path / "jpeg"
+        _quiet_prepare(syn_root[0], cache_dir, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, workers=1, cache_format="jpeg")
+    ds = ClipDataset(cache_dir, "xsub", "train")
+    ds[0]  # memory maps opened here must not leak into the workers
+    assert pickle.loads(pickle.dumps(ds))[3][2] == ds[3][2]
+    batches = {}
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=workers)
+        batches[workers] = list(loader)
+    for a, b in zip(batches[0], batches[2], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_clip_dataset_still_reads_v1_caches(prepared, tmp_path):
+    cache_dir, meta, _, _ = prepared
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    rgb = np.stack([np.load(cache_dir / "clips" / f"{s['name']}.npz")["rgb"] for s in meta["samples"]])
+    np.save(v1 / "rgb.npy", rgb)
+    for name in ("skel.npy", "labels.npy"):
+        shutil.copy(cache_dir / name, v1 / name)
+    old = {k: v for k, v in meta.items() if k not in ("cache_format", "prepare", "bytes_per_clip")}
+    (v1 / "meta.json").write_text(json.dumps({**old, "format": "robustact.cache/v1"}))
+    new, legacy = ClipDataset(cache_dir, "xview", "test"), ClipDataset(v1, "xview", "test")
+    for i in range(len(new)):
+        assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(new[i], legacy[i]))
+    assert len(cache.cache_digest(v1)) == 64
 
 
 def test_data_modules_import_only_allowed_packages():

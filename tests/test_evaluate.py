@@ -167,6 +167,16 @@ def test_a_clip_result_does_not_depend_on_its_batch():
     assert torch.allclose(a.rgb[3], b.rgb[0], atol=1e-6) and not torch.allclose(a.rgb, c.rgb)
 
 
+def test_dataloader_workers_do_not_change_a_result():
+    model, rgb, skel, labels = tiny_model_and_clips(2, 6, clips=6, classes=3)
+    data = torch.utils.data.TensorDataset(rgb, skel, labels)
+    suite = build_suite(["fgsm", "pgd3"], modes=["RS"], eps=[32])
+    serial, parallel = (run_records(model, data, suite, batch_size=4, seed=3, num_workers=w) for w in (0, 2))
+    for key in ("label", "clean_pred", "outcome", "iterate", "restart", "unbounded"):
+        assert np.array_equal(getattr(serial, key), getattr(parallel, key)), key
+    assert (serial.outcome == BROKEN).any()
+
+
 def test_records_round_trip_without_pickle(tmp_path):
     records = run_records(LinearStub(), stub_data(), build_suite(["fgsm"]))
     records.save(tmp_path / "r.npz")

@@ -566,7 +566,8 @@ def probe_video(source: str | os.PathLike | BinaryIO, name: str | None = None) -
 
 
 def _decode(open_container: Callable[[], "av.container.InputContainer"], name: str,
-            frames: int, size: int, total: int | None, limits: VideoLimits) -> tuple[int, int, dict]:
+            frames: int, size: int, total: int | None, limits: VideoLimits,
+            threads: int | None = None) -> tuple[int, int, dict]:
     """Decode every frame, converting only the sampled ones.
 
     Indices are chosen for ``total`` frames, or for the container's own frame count when
@@ -580,7 +581,10 @@ def _decode(open_container: Callable[[], "av.container.InputContainer"], name: s
         stream = container.streams.video[0]
         info = _stream_info(container, stream)
         limits.check_header(info, name)
-        stream.thread_type = "AUTO"
+        if threads is None:
+            stream.thread_type = "AUTO"
+        else:
+            stream.thread_count = threads
         if total is None:
             total = info.frames
         wanted = set(_frame_indices(total, frames).tolist()) if total > 0 else set()
@@ -594,7 +598,8 @@ def _decode(open_container: Callable[[], "av.container.InputContainer"], name: s
 
 def read_video(source: str | os.PathLike | BinaryIO, frames: int, size: int,
                name: str | None = None, *, max_frames: int | None = None, max_width: int | None = None,
-               max_height: int | None = None, max_seconds: float | None = None) -> np.ndarray:
+               max_height: int | None = None, max_seconds: float | None = None,
+               threads: int | None = None) -> np.ndarray:
     """Decode a video into uint8 ``(3, frames, size, size)`` RGB.
 
     ``source`` is a path or a seekable binary file object (an upload; see also
@@ -614,17 +619,20 @@ def read_video(source: str | os.PathLike | BinaryIO, frames: int, size: int,
     declaring a larger size, more frames or a longer duration is refused before any frame
     is decoded, and decoding stops at the first frame beyond ``max_frames`` or larger than
     the size limit. Either raises ``VideoTooLargeError`` naming the limit.
+
+    ``threads``: FFmpeg decoding threads (None lets FFmpeg use every core; a pool of
+    decoding processes passes 1). The decoded pixels do not depend on it.
     """
     if frames < 1 or size < 1:
         raise ValueError(f"frames and size must be >= 1, got {frames}, {size}")
     limits = VideoLimits(max_frames, max_width, max_height, max_seconds)
     label, open_container = _opener(source, name)
-    count, assumed, kept = _decode(open_container, label, frames, size, None, limits)
+    count, assumed, kept = _decode(open_container, label, frames, size, None, limits, threads)
     if count == 0:
         raise VideoDecodeError(label, "the video holds no decodable frame")
     if count != assumed:
         # Header count missing or wrong: decode again now that the true count is known.
-        count2, _, kept = _decode(open_container, label, frames, size, count, limits)
+        count2, _, kept = _decode(open_container, label, frames, size, count, limits, threads)
         if count2 != count:
             raise VideoDecodeError(label, f"decoded {count} then {count2} frames")
     indices = _frame_indices(count, frames)

@@ -15,6 +15,10 @@ Objectives, per mini-batch (x_R, x_s, y):
   ExFMem memory banks with training features after the last epoch (``build_memory_banks``).
 
 The inner maximisation runs with the model in eval mode (see ``models.attacks``).
+
+With torch.distributed initialised, every rank runs ``train`` with the same arguments and the
+ranks train one model with DistributedDataParallel: see ``models.distributed`` for how the
+batches, attack seeds, BatchNorm, metrics and checkpoints are shared out.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .attacks import attack
 from .checkpoint import replace_dir, resolve_device, save_checkpoint, state_tensors, write_json
 from .baselines import minsim_similarity
 from .config import EXFMEM_DEFENCES, MINSIM_DEFENCES, ModelConfig, TrainConfig, resolve_model_config
+from .distributed import RankBatches, Ranks, check_global_batch, check_sync_batchnorm
 from .fusion import build_model
 
 LAST_DIR = "last"
@@ -53,16 +59,30 @@ class TrainingDiverged(ValueError):
 def objective(model, train_cfg: TrainConfig, rgb, skel, labels, attack_seed: int):
     """Loss of one mini-batch under ``train_cfg.defence``; returns (loss, logits used for
     the training accuracy)."""
+    adv_rgb, adv_skel = adversarial_inputs(model, train_cfg, rgb, skel, labels, attack_seed)
+    return training_loss(model, train_cfg, rgb, skel, labels, adv_rgb, adv_skel)
+
+
+def adversarial_inputs(model, train_cfg: TrainConfig, rgb, skel, labels, attack_seed: int,
+                       shard: tuple[int, int] | None = None):
+    """The inner maximisation's ``(adv_rgb, adv_skel)``, or ``(None, None)`` for a defence that
+    trains on clean inputs. ``shard``: this batch's rows of the global batch (data parallel)."""
     mode = train_cfg.attack_mode
+    if mode is None or train_cfg.defence in MINSIM_DEFENCES:
+        return None, None
+    return attack(model, rgb, skel, labels, train_cfg.attack.with_mode(mode), seed=attack_seed, shard=shard)
+
+
+def training_loss(model, train_cfg: TrainConfig, rgb, skel, labels, adv_rgb=None, adv_skel=None):
+    """The loss of ``objective`` given the adversarial inputs (None for clean defences)."""
     if train_cfg.defence in MINSIM_DEFENCES:
         f_rgb, f_skel, _ = model.forward_features(rgb, skel)
         logits = model.classify(f_rgb, f_skel)
         similarity = minsim_similarity(f_rgb, f_skel, train_cfg.minsim_dim)
         return F.cross_entropy(logits, labels) + train_cfg.minsim_beta * similarity, logits
-    if mode is None:
+    if adv_rgb is None:
         out = model(rgb, skel)
         return F.cross_entropy(out.logits, labels), out.logits
-    adv_rgb, adv_skel = attack(model, rgb, skel, labels, train_cfg.attack.with_mode(mode), seed=attack_seed)
     if train_cfg.defence != "amr":
         out = model(adv_rgb, adv_skel)
         return F.cross_entropy(out.logits, labels), out.logits
@@ -72,6 +92,20 @@ def objective(model, train_cfg: TrainConfig, rgb, skel, labels, attack_seed: int
     if adversarial.aux:
         loss_amr = loss_amr + sum(F.cross_entropy(a, labels) for a in adversarial.aux) / len(adversarial.aux)
     return F.cross_entropy(natural.logits, labels) + train_cfg.lam * loss_amr, natural.logits
+
+
+class TrainingStep(nn.Module):
+    """``training_loss`` as a module, so that DistributedDataParallel sees one forward per step
+    whatever the objective does inside (AMR runs the network twice, MinSim calls
+    ``forward_features``). The attack runs before it, on the bare model."""
+
+    def __init__(self, model: nn.Module, train_cfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.train_cfg = train_cfg
+
+    def forward(self, rgb, skel, labels, adv_rgb=None, adv_skel=None):
+        return training_loss(self.model, self.train_cfg, rgb, skel, labels, adv_rgb, adv_skel)
 
 
 @torch.no_grad()
@@ -117,10 +151,15 @@ def _save_last(out_dir: Path, model, optimizer, state: dict[str, Any]) -> Path:
     return final
 
 
-def _load_last(last: Path, model, optimizer, device) -> dict[str, Any]:
-    state = json.loads((last / "state.json").read_text())
-    model.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)))
-    buffers = load_file(str(last / "optimizer.safetensors"))
+def _read_last(last: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state.json, weights, optimizer buffers) of a ``last/`` checkpoint, tensors on the CPU."""
+    return (json.loads((last / "state.json").read_text()), load_file(str(last / "model.safetensors")),
+            load_file(str(last / "optimizer.safetensors")))
+
+
+def _apply_last(saved, model, optimizer, device) -> dict[str, Any]:
+    state, weights, buffers = saved
+    model.load_state_dict(weights)
     params = dict(model.named_parameters())
     for full_name, value in buffers.items():
         name, key = full_name.split("::")
@@ -134,22 +173,33 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
           progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
           on_checkpoint: Callable[[Path, int], None] | None = None,
-          device: str | None = None, resume: bool = True) -> dict[str, Any]:
+          device: str | None = None, resume: bool = True, sync_batchnorm: bool = False) -> dict[str, Any]:
     """Train ``model_cfg`` on ``dataset`` (a ``ClipDataset``) with ``train_cfg``.
 
     Writes ``out_dir/last/`` after every epoch (weights, momentum buffers, epoch, history)
     and resumes from it when ``resume`` is true; writes the final checkpoint to
     ``out_dir/model/``. ``progress`` gets a dict after every step and every epoch.
+
+    Data parallel (torch.distributed initialised): every rank calls this with the same
+    arguments and its own ``device``; ``train_cfg.batch_size`` is the global batch. Only rank 0
+    writes checkpoints and calls ``progress``, ``should_stop`` and ``on_checkpoint``.
+    ``sync_batchnorm`` (CUDA only) normalises with the statistics of the global batch.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
+    ranks = Ranks.current(device)
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     model_cfg = resolve_model_config(model_cfg, train_cfg)
     if model_cfg.num_classes != len(dataset.class_names):
         raise ValueError(f"num_classes {model_cfg.num_classes} != {len(dataset.class_names)} classes in the dataset")
+    check_global_batch(train_cfg.batch_size, len(dataset), ranks.world)
+    check_sync_batchnorm(sync_batchnorm and ranks.world > 1, device)
 
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg).to(device)
+    if sync_batchnorm and ranks.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if train_cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     else:
@@ -157,23 +207,29 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
                                     weight_decay=train_cfg.weight_decay)
     start_epoch, history = 0, []
     last = out_dir / LAST_DIR
-    if resume and (last / "state.json").is_file():
-        state = _load_last(last, model, optimizer, device)
+    # Rank 0 reads last/ and hands it to the others: only its machine needs the run directory.
+    saved = _read_last(last) if ranks.main and resume and (last / "state.json").is_file() else None
+    saved = ranks.broadcast_object(saved)
+    if saved is not None:
+        state = _apply_last(saved, model, optimizer, device)
         if state.get("model") != model_cfg.to_dict() or state.get("train") != train_cfg.to_dict():
             raise ValueError(f"{last}: the checkpoint to resume was made with another config; "
                              "use a new output directory or resume=False")
         start_epoch, history = state["epoch"], state["history"]
+    # One DDP forward per step; the AMR heads get no gradient unless the AMR loss uses them.
+    net = ranks.wrap(TrainingStep(model, train_cfg),
+                     find_unused_parameters=bool(len(model.amrs)) and train_cfg.defence != "amr")
 
     generator = torch.Generator().manual_seed(train_cfg.seed)
-    loader = DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True, generator=generator,
-                        drop_last=len(dataset) > train_cfg.batch_size)
+    loader = DataLoader(dataset, batch_sampler=RankBatches(dataset, train_cfg.batch_size, generator, ranks.rank,
+                                                           ranks.world), generator=generator)
     steps = len(loader)
-    emit = progress or (lambda _: None)
+    emit = (progress if ranks.main else None) or (lambda _: None)
     for epoch in range(start_epoch, train_cfg.epochs):
         # Re-seed per epoch (batch order and dropout) so that a resumed run is identical to
-        # an uninterrupted one.
+        # an uninterrupted one. Dropout draws differ per rank (each holds other clips).
         generator.manual_seed(train_cfg.seed * 100_003 + epoch)
-        torch.manual_seed(train_cfg.seed * 7_919 + epoch)
+        torch.manual_seed(train_cfg.seed * 7_919 + epoch + ranks.rank * 1_000_003)
         lr = cosine_lr(train_cfg.lr, epoch, train_cfg.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -181,12 +237,19 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
         t0 = time.perf_counter()
         total_loss, correct, seen = 0.0, 0, 0
         for step, (rgb, skel, labels) in enumerate(loader):
-            if should_stop is not None and should_stop():
+            # Rank 0 decides and every rank follows: one rank leaving alone would hang the rest.
+            if ranks.from_main(ranks.main and should_stop is not None and should_stop()):
                 raise TrainingCancelled(f"stopped during epoch {epoch + 1}")
             rgb, skel, labels = rgb.to(device), skel.to(device), labels.to(device)
             seed = (train_cfg.seed * 1_000_003 + epoch * 10_007 + step) % (2**63)
-            loss, logits = objective(model, train_cfg, rgb, skel, labels, seed)
-            value = loss.item()
+            adv_rgb, adv_skel = adversarial_inputs(model, train_cfg, rgb, skel, labels, seed,
+                                                   shard=ranks.shard(labels.shape[0]))
+            loss, logits = net(rgb, skel, labels, adv_rgb, adv_skel)
+            # Sums over the global batch, so that every rank sees the same numbers.
+            step_loss, step_correct, step_seen = ranks.sum([loss.item() * labels.shape[0],
+                                                            (logits.argmax(1) == labels).sum().item(),
+                                                            labels.shape[0]])
+            value = step_loss / step_seen
             if not math.isfinite(value):
                 raise TrainingDiverged(
                     f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}, batch size "
@@ -194,26 +257,39 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += value * labels.shape[0]
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += labels.shape[0]
+            if not sync_batchnorm:
+                ranks.average_batchnorm_statistics(model)
+            total_loss += step_loss
+            correct += int(step_correct)
+            seen += int(step_seen)
             emit({"phase": "train", "epoch": epoch + 1, "epochs": train_cfg.epochs, "step": step + 1,
                   "steps": steps, "loss": total_loss / seen, "lr": lr})
         record = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1),
                   "train_accuracy": 100.0 * correct / max(seen, 1), "lr": lr,
-                  "seconds": time.perf_counter() - t0}
+                  "seconds": ranks.max(time.perf_counter() - t0)}
         history.append(record)
-        state = {"epoch": epoch + 1, "history": history, "model": model_cfg.to_dict(),
-                 "train": train_cfg.to_dict(), "preset": preset}
-        saved = _save_last(out_dir, model, optimizer, state)
-        if on_checkpoint is not None:
-            on_checkpoint(saved, epoch + 1)
+        ranks.check_in_step(model)
+        if ranks.main:
+            state = {"epoch": epoch + 1, "history": history, "model": model_cfg.to_dict(),
+                     "train": train_cfg.to_dict(), "preset": preset}
+            saved = _save_last(out_dir, model, optimizer, state)
+            if on_checkpoint is not None:
+                on_checkpoint(saved, epoch + 1)
+        ranks.barrier()
         emit({"phase": "epoch", "epochs": train_cfg.epochs, **record})
 
+    model_dir = out_dir / MODEL_DIR
+    summary = {"epochs": train_cfg.epochs, "history": history, "model_dir": str(model_dir)}
+    if not ranks.main:
+        ranks.barrier()  # rank 0 writes the final checkpoint
+        return summary
     extra = {}
     if train_cfg.defence in EXFMEM_DEFENCES:
         extra["exfmem"] = {"bank_size": build_memory_banks(model, dataset, seed=train_cfg.seed,
                                                            batch_size=train_cfg.batch_size, device=device)}
+    if ranks.world > 1:
+        extra["data_parallel"] = {"world_size": ranks.world, "backend": torch.distributed.get_backend(),
+                                  "sync_batchnorm": sync_batchnorm}
 
     meta = {
         "model": model_cfg.to_dict(),
@@ -228,6 +304,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
                     "num_samples": len(dataset)},
         **extra,
     }
-    model_dir = out_dir / MODEL_DIR
     save_checkpoint(model_dir, model, meta)
-    return {"epochs": train_cfg.epochs, "history": history, "model_dir": str(model_dir)}
+    ranks.barrier()
+    return summary

@@ -174,10 +174,23 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for initialisation, shuffling and attack starts.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
     resume: Annotated[bool, typer.Option(help="Resume from OUT/last/ when it exists.")] = True,
+    nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (DistributedDataParallel: gloo "
+                                                   "on CPU, NCCL on CUDA with one GPU each); --batch-size is the global batch, "
+                                                   "split evenly. Under torchrun leave it at 1 (see docs/SERVICE.md).")] = 1,
+    sync_batchnorm: Annotated[bool, typer.Option(help="Data parallel on CUDA: BatchNorm statistics over the global batch "
+                                                     "(SyncBatchNorm) instead of each process's share.")] = False,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads per process with --nproc (default: cores / nproc).")] = None,
 ):
-    """Train a model with a defence (SGD, cosine annealing); checkpoints every epoch and resumes from the last one."""
+    """Train a model with a defence (SGD, cosine annealing); checkpoints every epoch and resumes from the last one.
+
+    With --nproc N (or when started by torchrun) the processes train one model with DistributedDataParallel."""
     with _user_errors():
+        from contextlib import nullcontext
+        from functools import partial
+
         from models.config import EXFMEM_DEFENCES, AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
+        from models.data.cache import ClipDataset
+        from models.distributed import DistributedError, torchrun_rank, train_data_parallel
         from models.train import train as run_training
 
         if defence != "amr" and num_amr:
@@ -198,17 +211,50 @@ def train(
         model_cfg = resolve_model_config(model_cfg, train_cfg)
         if protocol not in ("xsub", "xview"):
             raise ConfigError("protocol", "must be xsub or xview")
-        typer.echo(f"training {arch} ({preset}) with defence={defence} num_amr={num_amr} on {len(dataset)} clips")
-        with _progress_bar("epoch") as update:
+        launched = torchrun_rank()
+        if launched is not None and nproc > 1:
+            raise ConfigError("nproc", "torchrun starts the processes (--nproc-per-node): leave --nproc at 1")
+        main = launched is None or launched[0] == 0  # only rank 0 talks
+        if main:
+            typer.echo(f"training {arch} ({preset}) with defence={defence} num_amr={num_amr} on {len(dataset)} clips"
+                       + (f", {nproc} processes" if nproc > 1 else f", rank 0 of {launched[1]}" if launched else ""))
+        with _progress_bar("epoch") if main else nullcontext() as update:
             def on_progress(p):
                 if p["phase"] == "train":
                     update(p["step"], p["steps"], info=f"loss {p['loss']:.3f}", description=f"epoch {p['epoch']}/{p['epochs']}")
                 else:
                     typer.echo(f"epoch {p['epoch']}/{p['epochs']}: loss {p['loss']:.4f} "
                                f"train acc {p['train_accuracy']:.2f}% ({p['seconds']:.1f}s)")
-            summary = run_training(model_cfg, train_cfg, dataset, out, preset=preset, progress=on_progress,
-                                   device=device, resume=resume)
-    typer.echo(f"model written to {summary['model_dir']}")
+            try:
+                if launched is not None:
+                    summary = _train_in_torchrun_group(model_cfg, train_cfg, dataset, out, preset=preset,
+                                                       progress=on_progress if main else None, device=device,
+                                                       resume=resume, sync_batchnorm=sync_batchnorm)
+                elif nproc > 1:
+                    summary = train_data_parallel(model_cfg, train_cfg, partial(ClipDataset, data, protocol=protocol,
+                                                                                split="train"),
+                                                  out, nproc=nproc, device=device, preset=preset, progress=on_progress,
+                                                  resume=resume, sync_batchnorm=sync_batchnorm, threads=threads)
+                else:
+                    summary = run_training(model_cfg, train_cfg, dataset, out, preset=preset, progress=on_progress,
+                                           device=device, resume=resume)
+            except DistributedError as e:
+                _fail(str(e))
+    if main:
+        typer.echo(f"model written to {summary['model_dir']}")
+
+
+def _train_in_torchrun_group(model_cfg, train_cfg, dataset, out: Path, *, device: str, **kwargs):
+    """One rank of a run started by torchrun: join its process group, train, leave."""
+    import torch.distributed as dist
+
+    from models.distributed import join_process_group
+    from models.train import train as run_training
+
+    rank_device = join_process_group(device)
+    summary = run_training(model_cfg, train_cfg, dataset, out, device=str(rank_device), **kwargs)
+    dist.destroy_process_group()  # not on failure: a peer may be gone, and the process exits anyway
+    return summary
 
 
 @app.command()

@@ -20,6 +20,8 @@ One contract for all (``attack`` / ``run_attack``):
   bodies (all-zero slots) stay zero unless ``cfg.perturb_absent_bodies``;
 * randomness: ``clip_ids`` + ``seed`` give each clip its own stream (batch-independent
   results, used by evaluation); ``seed`` alone seeds one stream for the batch (training);
+  ``shard=(start, total)`` with it: the batch is rows start… of a global batch of ``total``
+  and gets those rows of the global batch's random start (data-parallel training);
 * ``cfg.restarts`` > 1 re-runs the attack on the clips not yet broken, each restart from a
   new random start, and keeps the first adversarial point found.
 """
@@ -53,7 +55,8 @@ def entry_key(cfg: AttackConfig) -> str:
 
 
 def run_attack(model, rgb: torch.Tensor, skel: torch.Tensor, labels: torch.Tensor, cfg: AttackConfig, *,
-               seed: int | None = None, clip_ids: Sequence[int] | None = None, track: bool = True) -> AttackResult:
+               seed: int | None = None, clip_ids: Sequence[int] | None = None, track: bool = True,
+               shard: tuple[int, int] | None = None) -> AttackResult:
     """Run ``cfg`` on a batch; see the module docstring for the contract. With ``track``,
     the result says which clips some iterate misclassified, at which iterate and restart."""
     if cfg.name == "apgd-dlr" and model_classes(model) is not None and model_classes(model) < 3:
@@ -81,7 +84,7 @@ def run_attack(model, rgb: torch.Tensor, skel: torch.Tensor, labels: torch.Tenso
                                                                     for i in remaining.tolist()])
             else:
                 streams = RandomStreams(len(remaining), seed=seed if r == 0 or seed is None
-                                        else clip_seed(seed, -1, key, r))
+                                        else clip_seed(seed, -1, key, r), shard=shard if r == 0 else None)
             threat = probe if r == 0 else probe.take(remaining)
             result = implementation(model, threat, labels[remaining], cfg, streams, track)
             for k in probe.active:
@@ -103,11 +106,12 @@ def model_classes(model) -> int | None:
     return getattr(cfg, "num_classes", None)
 
 
-def attack(model, rgb, skel, labels, cfg: AttackConfig, seed: int | None = None):
+def attack(model, rgb, skel, labels, cfg: AttackConfig, seed: int | None = None,
+           shard: tuple[int, int] | None = None):
     """The adversarial ``(rgb, skel)`` of ``cfg`` for a batch, one random stream seeded by
     ``seed`` (None: fresh entropy). The training loop's inner maximisation uses it: the last
-    iterate, no success tracking."""
-    result = run_attack(model, rgb, skel, labels, cfg, seed=seed, track=False)
+    iterate, no success tracking. ``shard``: see the module docstring."""
+    result = run_attack(model, rgb, skel, labels, cfg, seed=seed, track=False, shard=shard)
     return result.rgb, result.skel
 
 

@@ -6,7 +6,10 @@ Per-clip randomness. Evaluation passes one seed per clip (``clip_seed(seed, clip
 restart)``); every random draw of an attack on that clip (start point, Square's windows and
 signs) comes from that clip's own generator, so a clip's result does not depend on the
 batch it was in, on the batch size or on the shard. Training passes a single ``seed`` for
-the batch instead (one generator for the whole batch, the cheaper draw).
+the batch instead (one generator for the whole batch, the cheaper draw); a data-parallel rank
+holding rows ``start…start+B`` of a global batch of ``total`` passes ``shard=(start, total)``,
+and its ``rand`` draws are those rows of the global batch's draw, so a clip's random start is
+the one single-process training gives it (``models.distributed``).
 """
 
 from __future__ import annotations
@@ -31,9 +34,17 @@ def clip_seed(seed: int, clip: int, entry_key: str, restart: int = 0) -> int:
 
 
 class RandomStreams:
-    """Random draws for a batch: one generator per clip, or one shared by the batch."""
+    """Random draws for a batch: one generator per clip, or one shared by the batch.
 
-    def __init__(self, batch: int, seed: int | None = None, clip_seeds: Sequence[int] | None = None):
+    ``shard=(start, total)`` (shared stream only): this batch is rows ``start…start+batch`` of a
+    global batch of ``total``; ``rand`` draws for all ``total`` rows and returns this batch's.
+    """
+
+    def __init__(self, batch: int, seed: int | None = None, clip_seeds: Sequence[int] | None = None,
+                 shard: tuple[int, int] | None = None):
+        if shard is not None and (clip_seeds is not None or not 0 <= shard[0] <= shard[0] + batch <= shard[1]):
+            raise ValueError(f"shard {shard} does not hold a batch of {batch} (or per-clip seeds were given)")
+        self.shard = shard
         if clip_seeds is not None:
             if len(clip_seeds) != batch:
                 raise ValueError(f"{len(clip_seeds)} clip seeds for a batch of {batch}")
@@ -50,6 +61,10 @@ class RandomStreams:
     def rand(self, shape_per_clip: Sequence[int], dtype=torch.float32) -> torch.Tensor:
         """U[0, 1) of shape ``(B, *shape_per_clip)`` on the CPU."""
         if self.shared is not None:
+            if self.shard is not None:
+                start, total = self.shard
+                rows = torch.rand((total, *shape_per_clip), generator=self.shared, dtype=dtype)
+                return rows[start:start + len(self.generators)]
             return torch.rand((len(self.generators), *shape_per_clip), generator=self.shared, dtype=dtype)
         return torch.stack([torch.rand(tuple(shape_per_clip), generator=g, dtype=dtype) for g in self.generators])
 

@@ -26,6 +26,7 @@ WORKDIR /srv/robustact
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 COPY pyproject.toml README.md ./
+COPY robustact ./robustact
 COPY models ./models
 COPY service ./service
 COPY worker ./worker

@@ -26,10 +26,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from models.attacks import attack, frozen_eval
-from models.checkpoint import resolve_device
-from models.config import AttackConfig, preset_config
-from models.fusion import build_model
+from robustact.models.attacks import attack, frozen_eval
+from robustact.models.checkpoint import resolve_device
+from robustact.models.config import AttackConfig, preset_config
+from robustact.models.fusion import build_model
 
 STEPS = 20
 

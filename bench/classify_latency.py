@@ -54,15 +54,15 @@ def free_port() -> int:
 def setup(data_dir: Path) -> tuple[str, Path, bytes, bytes, str]:
     """A registered tiny model, one clip and an API key; returns (model id, checkpoint dir,
     video, skeleton, key)."""
-    from models.checkpoint import save_checkpoint
-    from models.config import TrainConfig, preset_config
-    from models.data import ntu
-    from models.data.synth import synthesize
-    from models.fusion import build_model
-    from service.db import make_engine, make_sessionmaker, migrate
-    from service.settings import Settings
-    from service.store import open_store
-    from worker.tasks import add_model
+    from robustact.models.checkpoint import save_checkpoint
+    from robustact.models.config import TrainConfig, preset_config
+    from robustact.models.data import ntu
+    from robustact.models.data.synth import synthesize
+    from robustact.models.fusion import build_model
+    from robustact.service.db import make_engine, make_sessionmaker, migrate
+    from robustact.service.settings import Settings
+    from robustact.service.store import open_store
+    from robustact.worker.tasks import add_model
 
     settings = Settings(data_dir=data_dir, seed_dataset=False)
     migrate(settings.database_url)
@@ -74,7 +74,7 @@ def setup(data_dir: Path) -> tuple[str, Path, bytes, bytes, str]:
         "model": cfg.to_dict(), "preset": "tiny", "class_names": info["class_names"],
         "normalisation": {"skel_min": [-1.5, -1.5, 1.5], "skel_max": [1.5, 1.5, 4.5]},
         "train": TrainConfig().to_dict()})
-    from service.auth import create_key
+    from robustact.service.auth import create_key
 
     with make_sessionmaker(make_engine(settings.database_url))() as session:
         _, key = create_key(session, "bench", admin=True)
@@ -92,9 +92,9 @@ def bare_forward_ms(checkpoint: Path, video: bytes, skeleton: bytes, repeats: in
 
     import torch
 
-    from models.checkpoint import load_checkpoint
-    from service.classify import LoadedModel, Upload, decode_skeleton, decode_video
-    from models.config import ModelConfig
+    from robustact.models.checkpoint import load_checkpoint
+    from robustact.service.classify import LoadedModel, Upload, decode_skeleton, decode_video
+    from robustact.models.config import ModelConfig
 
     model, meta = load_checkpoint(checkpoint)
     cfg = ModelConfig.from_dict(meta["model"])
@@ -218,7 +218,7 @@ def main() -> None:
         port = free_port()
         env = {**os.environ, "ROBUSTACT_DATA_DIR": str(data_dir), "ROBUSTACT_SEED_DATASET": "false",
                "ROBUSTACT_API_TORCH_THREADS": str(args.torch_threads), "PYTHONPATH": str(ROOT)}
-        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
+        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "robustact.service.app:create_app", "--factory",
                                    "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                                   env=env, cwd=ROOT)
         url = f"http://127.0.0.1:{port}"

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from models.config import AttackConfig, TrainConfig, preset_config
-from models.distributed import train_data_parallel
+from robustact.models.config import AttackConfig, TrainConfig, preset_config
+from robustact.models.distributed import train_data_parallel
 
 CLASSES = 10
 

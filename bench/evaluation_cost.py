@@ -37,13 +37,13 @@ from pathlib import Path
 
 import torch
 
-from models.attacks import run_attack
-from models.checkpoint import load_checkpoint
-from models.config import AttackConfig, TrainConfig, preset_config
-from models.data.cache import ClipDataset, prepare
-from models.data.synth import synthesize
-from models.evaluate import build_suite, evaluate
-from models.train import train
+from robustact.models.attacks import run_attack
+from robustact.models.checkpoint import load_checkpoint
+from robustact.models.config import AttackConfig, TrainConfig, preset_config
+from robustact.models.data.cache import ClipDataset, prepare
+from robustact.models.data.synth import synthesize
+from robustact.models.evaluate import build_suite, evaluate
+from robustact.models.train import train
 
 
 def main() -> None:

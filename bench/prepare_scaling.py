@@ -43,10 +43,10 @@ import av
 import numpy as np
 import torch
 
-from models.config import PRESETS
-from models.data.cache import ClipDataset, SkippedSampleWarning, cache_digest, prepare
-from models.data.ntu import RGB_DIR, SKELETON_DIR, SKELETON_SUFFIX, VIDEO_SUFFIX, find_samples
-from models.data.synth import synthesize
+from robustact.models.config import PRESETS
+from robustact.models.data.cache import ClipDataset, SkippedSampleWarning, cache_digest, prepare
+from robustact.models.data.ntu import RGB_DIR, SKELETON_DIR, SKELETON_SUFFIX, VIDEO_SUFFIX, find_samples
+from robustact.models.data.synth import synthesize
 
 NTU60_USABLE_CLIPS = 56_880 - 302  # samples without a skeleton are skipped
 FORMATS = ("raw", "jpeg")

@@ -64,12 +64,12 @@ def main() -> None:
 
     import uvicorn
 
-    from models.data.synth import synthesize
-    from service.app import create_app
-    from service.auth import create_key
-    from service.db import make_engine, make_sessionmaker
-    from service.runner import start_worker, stop_worker
-    from service.settings import Settings
+    from robustact.models.data.synth import synthesize
+    from robustact.service.app import create_app
+    from robustact.service.auth import create_key
+    from robustact.service.db import make_engine, make_sessionmaker
+    from robustact.service.runner import start_worker, stop_worker
+    from robustact.service.settings import Settings
 
     tmp = Path(tempfile.mkdtemp(prefix="shard-bench-"))
     root = tmp / "datasets" / "bench"

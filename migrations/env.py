@@ -5,7 +5,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from service.db import Base, make_engine, migration_lock
+from robustact.service.db import Base, make_engine, migration_lock
 
 config = context.config
 if config.config_file_name is not None:
@@ -16,7 +16,7 @@ def database_url() -> str:
     url = config.attributes.get("database_url")
     if url:
         return url
-    from service.settings import Settings
+    from robustact.service.settings import Settings
 
     return Settings().database_url
 

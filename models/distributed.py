@@ -405,9 +405,14 @@ def _failure(errors: dict[int, dict], world: int, out_dir: Path) -> BaseExceptio
     return DistributedError(f"rank {rank} of {world} failed: {what} (log: {out_dir / LOG_DIR / f'rank{rank}.log'})")
 
 
+# How a collective fails on the ranks whose peer died first (gloo, NCCL, the TCP store).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport",
+              "NCCL communicator was aborted", "Socket Timeout")
+
+
 def _describe(e: BaseException) -> dict:
     info = {"type": type(e).__name__, "message": str(e),
-            "secondary": isinstance(e, dist.DistError) or "Connection closed by peer" in str(e)}
+            "secondary": isinstance(e, dist.DistError) or any(echo in str(e) for echo in _PEER_GONE)}
     if isinstance(e, ConfigError):
         info.update(field=e.field, field_message=e.message)
     return info

@@ -25,7 +25,7 @@ import math
 from html import escape
 from typing import Any, Sequence
 
-from models.report import (MODES, WORST_CASE, ReportError, average, compare, find_attack, report_name, table_row,
+from robustact.models.report import (MODES, WORST_CASE, ReportError, average, compare, find_attack, report_name, table_row,
                            worst_case_entry)
 
 VIEWS_SCHEMA = "robustact.views/v1"

@@ -21,19 +21,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 
-from service.api import datasets, health, jobs, keys, models, reports, sweeps
-from service.auth import get_caller
-from service.classify import ModelCache
-from service.db import make_engine, make_sessionmaker, migrate
-from service.decoder import make_decoder_pool
-from service.metrics import install_metrics
-from service.middleware import Admission, Admit, Authenticate, LimitBody
-from service.backends import is_outage
-from service.reaper import Reaper
-from service.schemas import ErrorPublic
-from service.settings import Settings
-from service.store import StoreUnavailable, open_store
-from worker.celery_app import make_celery
+from robustact.service.api import datasets, health, jobs, keys, models, reports, sweeps
+from robustact.service.auth import get_caller
+from robustact.service.classify import ModelCache
+from robustact.service.db import make_engine, make_sessionmaker, migrate
+from robustact.service.decoder import make_decoder_pool
+from robustact.service.metrics import install_metrics
+from robustact.service.middleware import Admission, Admit, Authenticate, LimitBody
+from robustact.service.backends import is_outage
+from robustact.service.reaper import Reaper
+from robustact.service.schemas import ErrorPublic
+from robustact.service.settings import Settings
+from robustact.service.store import StoreUnavailable, open_store
+from robustact.worker.celery_app import make_celery
 
 log = logging.getLogger("robustact.api")
 

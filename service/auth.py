@@ -26,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
-from service.db import ApiKey, Dataset, Model, Share, utcnow
+from robustact.service.db import ApiKey, Dataset, Model, Share, utcnow
 
 KEY_PREFIX = "ra_"
 ADMIN_KEY_FILE = "admin.key"

@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 
 from sqlalchemy import exc as sa_exc
 
-from service.store import StoreUnavailable
+from robustact.service.store import StoreUnavailable
 
 T = TypeVar("T")
 

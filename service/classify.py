@@ -25,10 +25,10 @@ from typing import Any, BinaryIO
 
 import torch
 
-from models.checkpoint import load_checkpoint, resolve_device
-from models.config import ModelConfig
-from service.decoder import SKELETON, VIDEO, DecoderPool, Geometry, decode
-from service.store import Store, materialize_dir
+from robustact.models.checkpoint import load_checkpoint, resolve_device
+from robustact.models.config import ModelConfig
+from robustact.service.decoder import SKELETON, VIDEO, DecoderPool, Geometry, decode
+from robustact.service.store import Store, materialize_dir
 
 VIDEO_TYPES = {".avi": {"video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi"},
                ".mp4": {"video/mp4"}}

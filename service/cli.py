@@ -30,10 +30,10 @@ def _fail(message: str) -> None:
 @contextmanager
 def _user_errors():
     """Turn the engine's input errors into a one-line CLI error (no traceback)."""
-    from models.checkpoint import CheckpointError
-    from models.config import ConfigError
-    from models.data.ntu import SkeletonFormatError, VideoDecodeError
-    from models.report import ReportError
+    from robustact.models.checkpoint import CheckpointError
+    from robustact.models.config import ConfigError
+    from robustact.models.data.ntu import SkeletonFormatError, VideoDecodeError
+    from robustact.models.report import ReportError
 
     try:
         yield
@@ -90,7 +90,7 @@ def data_synth(
 ):
     """Write a synthetic dataset in exactly the NTU RGB+D 60 on-disk layout (skeleton text files and .avi videos)."""
     with _user_errors():
-        from models.data.synth import synthesize
+        from robustact.models.data.synth import synthesize
 
         with _progress_bar("synthesising") as update:
             summary = synthesize(out, num_classes=classes, subjects=_ints(subjects, "--subjects"),
@@ -113,8 +113,8 @@ def data_prepare(
     Clips are decoded by a pool of processes and written one file each: an interrupted run resumes where it stopped
     when run again with the same settings. The cache becomes readable only once complete."""
     with _user_errors():
-        from models.config import PRESETS, ConfigError
-        from models.data.cache import prepare
+        from robustact.models.config import PRESETS, ConfigError
+        from robustact.models.data.cache import prepare
 
         if preset not in PRESETS:
             raise ConfigError("preset", f"must be one of {tuple(PRESETS)}")
@@ -127,7 +127,7 @@ def data_prepare(
 
 
 def _open_dataset(cache: Path, protocol: str, split: str):
-    from models.data.cache import ClipDataset
+    from robustact.models.data.cache import ClipDataset
 
     if not (cache / "meta.json").is_file():
         raise FileNotFoundError(f"{cache}: not a prepared cache (run `robustact data prepare` first)")
@@ -188,10 +188,10 @@ def train(
         from contextlib import nullcontext
         from functools import partial
 
-        from models.config import EXFMEM_DEFENCES, AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
-        from models.data.cache import ClipDataset
-        from models.distributed import DistributedError, torchrun_rank, train_data_parallel
-        from models.train import train as run_training
+        from robustact.models.config import EXFMEM_DEFENCES, AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
+        from robustact.models.data.cache import ClipDataset
+        from robustact.models.distributed import DistributedError, torchrun_rank, train_data_parallel
+        from robustact.models.train import train as run_training
 
         if defence != "amr" and num_amr:
             num_amr = 0  # AMR modules only exist with the AMR objective
@@ -248,8 +248,8 @@ def _train_in_torchrun_group(model_cfg, train_cfg, dataset, out: Path, *, device
     """One rank of a run started by torchrun: join its process group, train, leave."""
     import torch.distributed as dist
 
-    from models.distributed import join_process_group
-    from models.train import train as run_training
+    from robustact.models.distributed import join_process_group
+    from robustact.models.train import train as run_training
 
     rank_device = join_process_group(device)
     summary = run_training(model_cfg, train_cfg, dataset, out, device=str(rank_device), **kwargs)
@@ -284,10 +284,10 @@ def evaluate(
         import torch
         from torch.utils.data import Subset
 
-        from models.checkpoint import load_checkpoint
-        from models.config import ConfigError, ModelConfig
-        from models.evaluate import build_suite, check_suite, default_strategy, evaluate as run_evaluation
-        from models.report import format_report, write_report
+        from robustact.models.checkpoint import load_checkpoint
+        from robustact.models.config import ConfigError, ModelConfig
+        from robustact.models.evaluate import build_suite, check_suite, default_strategy, evaluate as run_evaluation
+        from robustact.models.report import format_report, write_report
 
         try:
             eps_list = [float(e) for e in _csv(eps)]
@@ -311,7 +311,7 @@ def evaluate(
             subset = Subset(dataset, sorted(order.tolist()))
         shard_info = {}
         if shard is not None:
-            from service.shards import shard_bounds
+            from robustact.service.shards import shard_bounds
 
             index, count = _shard_spec(shard)
             if count > len(subset):
@@ -333,7 +333,7 @@ def evaluate(
 
 
 def _shard_spec(value: str) -> tuple[int, int]:
-    from models.config import ConfigError
+    from robustact.models.config import ConfigError
 
     try:
         index, count = (int(v) for v in value.split("/"))
@@ -352,9 +352,9 @@ def merge(
     """Combine the reports of `evaluate --shard I/N` runs into the report of the whole
     evaluation (the per-clip tables concatenate; every figure is recomputed from them)."""
     with _user_errors():
-        from models.checkpoint import load_checkpoint
-        from models.evaluate import ClipRecords
-        from models.report import build_report, format_report, write_report
+        from robustact.models.checkpoint import load_checkpoint
+        from robustact.models.evaluate import ClipRecords
+        from robustact.models.report import build_report, format_report, write_report
 
         documents = []
         for path in reports:
@@ -400,7 +400,7 @@ def compare(
     """Table-2-style comparison (✓RS ✗R ✗S ✗RS Avg RI, and WC: the overall worst case) of
     several reports, RI against a baseline."""
     with _user_errors():
-        from models.report import compare as build_comparison, format_comparison, load_report
+        from robustact.models.report import compare as build_comparison, format_comparison, load_report
 
         loaded = [load_report(p) for p in reports]
         row_names = _csv(names) if names else None
@@ -424,7 +424,7 @@ def serve(
     worker: Annotated[bool, typer.Option(help="Also start a Celery worker process (off in compose, where workers are separate).")] = True,
 ):
     """Run the REST API (and, by default, an embedded Celery worker)."""
-    from service.runner import StartupError, serve as run_server
+    from robustact.service.runner import StartupError, serve as run_server
 
     try:
         run_server(host=host, port=port, data_dir=data_dir, with_worker=worker)
@@ -437,7 +437,7 @@ def worker_command(
     data_dir: Annotated[Path, typer.Option(help="Data directory for embedded defaults (ignored when ROBUSTACT_* URLs are set).")] = Path("./var"),
 ):
     """Run a Celery worker that executes training and evaluation jobs."""
-    from service.runner import StartupError, run_worker
+    from robustact.service.runner import StartupError, run_worker
 
     try:
         run_worker(data_dir=data_dir)
@@ -451,8 +451,8 @@ DataDirOption = Annotated[Path, typer.Option(help="Data directory of the service
 
 @contextmanager
 def _key_session(data_dir: Path):
-    from service.db import make_engine, make_sessionmaker, migrate
-    from service.runner import _settings
+    from robustact.service.db import make_engine, make_sessionmaker, migrate
+    from robustact.service.runner import _settings
 
     settings = _settings(data_dir)
     try:
@@ -476,7 +476,7 @@ def keys_create(
     data_dir: DataDirOption = Path("./var"),
 ):
     """Create a key and print it once (only its hash is stored)."""
-    from service.auth import create_key
+    from robustact.service.auth import create_key
 
     if not name.strip() or len(name) > 200:
         _fail("--name: give 1 to 200 characters")
@@ -495,7 +495,7 @@ def keys_list(
     """List keys: id, prefix, name, admin, quotas, created, revoked."""
     from sqlalchemy import select
 
-    from service.db import ApiKey
+    from robustact.service.db import ApiKey
 
     with _key_session(data_dir) as (session, settings):
         query = select(ApiKey).order_by(ApiKey.created_at)
@@ -518,8 +518,8 @@ def keys_revoke(
     data_dir: DataDirOption = Path("./var"),
 ):
     """Revoke a key: requests with it answer 401 from now on; its rows stay."""
-    from service.auth import revoke
-    from service.db import ApiKey
+    from robustact.service.auth import revoke
+    from robustact.service.db import ApiKey
 
     with _key_session(data_dir) as (session, _):
         row = session.get(ApiKey, key_id)
@@ -544,8 +544,8 @@ def report(
 ):
     """Figures and tables of the paper (Fig. 2, Tables 1-3, Fig. 4) from reports, as one HTML page."""
     with _user_errors():
-        from models.report import load_report
-        from models.views import build_views, views_html
+        from robustact.models.report import load_report
+        from robustact.models.views import build_views, views_html
 
         loaded = [load_report(p) for p in reports]
         row_names = _csv(names) if names else None
@@ -575,7 +575,7 @@ def reproduce(
 ):
     """Train every defence of the paper on a synthetic set (tiny preset), attack them, and write Tables 1-5 and Figures 2 and 4."""
     with _user_errors():
-        from models.reproduce import plan_for, run_plan
+        from robustact.models.reproduce import plan_for, run_plan
 
         plan = plan_for(size, seed=seed, epochs=epochs)
         with _progress_bar("reproduce") as update:

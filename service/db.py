@@ -249,7 +249,7 @@ def alembic_config(url: str):
     """An Alembic config for the migrations of this package, targeting ``url``."""
     from alembic.config import Config
 
-    import migrations
+    from robustact import migrations
 
     cfg = Config()
     # __path__, not __file__: an editable install may expose the folder as a namespace package.

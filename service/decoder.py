@@ -47,11 +47,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import torch
 
-from models.data import ntu
+from robustact.models.data import ntu
 
 if TYPE_CHECKING:
-    from models.config import ModelConfig
-    from service.settings import Settings
+    from robustact.models.config import ModelConfig
+    from robustact.service.settings import Settings
 
 log = logging.getLogger("robustact.decoder")
 

@@ -21,8 +21,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.auth import Caller
-from service.db import IdempotencyKey, utcnow
+from robustact.service.auth import Caller
+from robustact.service.db import IdempotencyKey, utcnow
 
 TTL = dt.timedelta(hours=24)
 T = TypeVar("T")

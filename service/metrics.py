@@ -42,10 +42,10 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from prometheus_fastapi_instrumentator import metrics as http_metrics
 from sqlalchemy import func, select
 
-from service.db import FINISHED, JOB_STATUSES, Job, Worker, utcnow
-from service.reaper import count_alive
-from service.settings import Settings
-from worker.celery_app import TASK_FOR_KIND, queue_depth
+from robustact.service.db import FINISHED, JOB_STATUSES, Job, Worker, utcnow
+from robustact.service.reaper import count_alive
+from robustact.service.settings import Settings
+from robustact.worker.celery_app import TASK_FOR_KIND, queue_depth
 
 log = logging.getLogger("robustact.metrics")
 

@@ -23,7 +23,7 @@ import anyio
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.auth import CALLER_SCOPE_KEY, Caller, lookup
+from robustact.service.auth import CALLER_SCOPE_KEY, Caller, lookup
 
 CLASSIFY_PATH = re.compile(r"^/v1/models/[^/]+/classify/?$")
 

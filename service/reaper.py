@@ -29,9 +29,9 @@ from celery import Celery
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import Job, Worker, utcnow
-from service.settings import Settings
-from worker.celery_app import MERGE_TASK, TASK_FOR_KIND, queue_depth
+from robustact.service.db import Job, Worker, utcnow
+from robustact.service.settings import Settings
+from robustact.worker.celery_app import MERGE_TASK, TASK_FOR_KIND, queue_depth
 
 log = logging.getLogger("robustact.reaper")
 
@@ -163,7 +163,7 @@ class Reaper:
         self.celery.send_task(MERGE_TASK, args=[parent_id])
 
     def run_once(self) -> None:
-        from service.shards import settle_all
+        from robustact.service.shards import settle_all
 
         s = self.settings
         reap_stale_jobs(self.sessions, s.heartbeat_timeout_s, s.max_attempts, self.send)

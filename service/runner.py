@@ -22,8 +22,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from service.db import Dataset, make_engine, make_sessionmaker, migrate
-from service.settings import Settings
+from robustact.service.db import Dataset, make_engine, make_sessionmaker, migrate
+from robustact.service.settings import Settings
 
 log = logging.getLogger("robustact.runner")
 
@@ -66,7 +66,7 @@ def check_backends(settings: Settings, broker: bool = True) -> None:
     traceback from deep inside a driver end the process."""
     from sqlalchemy import text
 
-    from service.store import open_store
+    from robustact.service.store import open_store
 
     engine = make_engine(settings.database_url)
     try:
@@ -85,7 +85,7 @@ def check_backends(settings: Settings, broker: bool = True) -> None:
                            "the bucket and give these credentials access (AWS_* variables), or set "
                            "ROBUSTACT_STORE_URL / ROBUSTACT_S3_ENDPOINT_URL") from None
     if broker:
-        from worker.celery_app import make_celery
+        from robustact.worker.celery_app import make_celery
 
         try:
             with make_celery(settings).connection_for_write() as conn:
@@ -98,7 +98,7 @@ def check_backends(settings: Settings, broker: bool = True) -> None:
 def ensure_admin_key(settings: Settings) -> Path | None:
     """Create the first admin key when the database has no key at all; it goes to
     ``DATA_DIR/admin.key`` (mode 0600). Returns that path when a key was made."""
-    from service.auth import ensure_admin_key as ensure
+    from robustact.service.auth import ensure_admin_key as ensure
 
     engine = make_engine(settings.database_url)
     try:
@@ -118,12 +118,12 @@ def ensure_seed_dataset(settings: Settings) -> str | None:
     the first admin key, shared read-only with every key), unless a dataset of that name
     exists. With an s3:// store the files are uploaded there too, so workers on other hosts
     can read them. Returns the dataset id (None if it existed)."""
-    from models.data.synth import synthesize
-    from service.api.datasets import register_dataset
-    from service.auth import active_admins
-    from service.db import Share
-    from service.schemas import DatasetCreate
-    from service.store import FileStore, open_store
+    from robustact.models.data.synth import synthesize
+    from robustact.service.api.datasets import register_dataset
+    from robustact.service.auth import active_admins
+    from robustact.service.db import Share
+    from robustact.service.schemas import DatasetCreate
+    from robustact.service.store import FileStore, open_store
 
     engine = make_engine(settings.database_url)
     try:
@@ -159,9 +159,9 @@ def ensure_seed_dataset(settings: Settings) -> str | None:
 
 def worker_command(hostname: str | None = None, loglevel: str = "INFO") -> list[str]:
     """The command line of one worker: solo pool, one task at a time."""
-    from worker.celery_app import QUEUE
+    from robustact.worker.celery_app import QUEUE
 
-    return [sys.executable, "-m", "worker.launch", "-A", "worker.celery_app", "worker", "--pool", "solo",
+    return [sys.executable, "-m", "robustact.worker.launch", "-A", "robustact.worker.celery_app", "worker", "--pool", "solo",
             "--concurrency", "1", "--queues", QUEUE, "--loglevel", loglevel,
             "--hostname", hostname or f"robustact-{os.getpid()}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
@@ -253,7 +253,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str | Path | None
     """
     import uvicorn
 
-    from service.app import create_app
+    from robustact.service.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "botocore"):
@@ -279,7 +279,7 @@ def run_worker(data_dir: str | Path | None = None, loglevel: str = "INFO", hostn
     settings = _settings(data_dir)
     check_backends(settings)
     migrate(settings.database_url)
-    from worker.celery_app import app, broker_transport_options
+    from robustact.worker.celery_app import app, broker_transport_options
 
     app.conf.update(broker_url=settings.broker_url,
                     broker_transport_options=broker_transport_options(settings.broker_url))

@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from models.config import ARCHES, DEFENCES, MAX_QUERIES, MAX_STEPS, MODES, PRESETS
-from models.evaluate import ATTACK_SPEC_MAX_LENGTH, ATTACK_SPEC_PATTERN, expand_attacks
+from robustact.models.config import ARCHES, DEFENCES, MAX_QUERIES, MAX_STEPS, MODES, PRESETS
+from robustact.models.evaluate import ATTACK_SPEC_MAX_LENGTH, ATTACK_SPEC_PATTERN, expand_attacks
 
 Defence = Literal[DEFENCES]  # type: ignore[valid-type]
 Arch = Literal[ARCHES]  # type: ignore[valid-type]

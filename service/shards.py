@@ -26,7 +26,7 @@ from typing import Callable
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from service.db import Job, new_id, utcnow
+from robustact.service.db import Job, new_id, utcnow
 
 log = logging.getLogger("robustact.shards")
 

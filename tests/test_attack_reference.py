@@ -67,11 +67,11 @@ import torch
 
 torchattacks = pytest.importorskip("torchattacks")
 
-from models.attacks import attack, run_attack  # noqa: E402
-from models.attacks.apgd import apgd_attack  # noqa: E402
-from models.attacks.common import RandomStreams, loss_function, threat_model  # noqa: E402
-from models.config import AttackConfig, preset_config  # noqa: E402
-from models.fusion import build_model  # noqa: E402
+from robustact.models.attacks import attack, run_attack  # noqa: E402
+from robustact.models.attacks.apgd import apgd_attack  # noqa: E402
+from robustact.models.attacks.common import RandomStreams, loss_function, threat_model  # noqa: E402
+from robustact.models.config import AttackConfig, preset_config  # noqa: E402
+from robustact.models.fusion import build_model  # noqa: E402
 
 K = 5
 B = 16

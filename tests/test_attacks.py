@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attacks import attack, cw_margin_loss, fgsm
-from models.config import AttackConfig, preset_config
-from models.fusion import build_model
+from robustact.models.attacks import attack, cw_margin_loss, fgsm
+from robustact.models.config import AttackConfig, preset_config
+from robustact.models.fusion import build_model
 
 K = 5
 

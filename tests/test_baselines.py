@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.baselines import ExFMem, ista, minsim_projection, minsim_similarity, soft_threshold
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.config import EXFMEM_DEFAULT_SIZE, ConfigError, TrainConfig, preset_config, resolve_model_config
-from models.fusion import build_model
-from models.train import objective, train
+from robustact.models.baselines import ExFMem, ista, minsim_projection, minsim_similarity, soft_threshold
+from robustact.models.checkpoint import load_checkpoint, save_checkpoint
+from robustact.models.config import EXFMEM_DEFAULT_SIZE, ConfigError, TrainConfig, preset_config, resolve_model_config
+from robustact.models.fusion import build_model
+from robustact.models.train import objective, train
 from tests.test_train import K, TensorClips
 
 

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import cache, ntu, synth
-from models.data.cache import ClipDataset, SkippedSampleWarning, prepare
-from models.data.ntu import (NTU60_CLASSES, EmptySkeletonError, SampleId, SkeletonFormatError,
+from robustact.models.data import cache, ntu, synth
+from robustact.models.data.cache import ClipDataset, SkippedSampleWarning, prepare
+from robustact.models.data.ntu import (NTU60_CLASSES, EmptySkeletonError, SampleId, SkeletonFormatError,
                              VideoDecodeError, in_train_split, parse_sample_name,
                              read_skeleton_file, read_skeleton_text, read_video,
                              read_video_bytes, resample_skeleton, scale_skeleton)
-from models.data.synth import synthesize
+from robustact.models.data.synth import synthesize
 
 # Small synthetic dataset shared by the module: 6 classes (class 6 has two bodies),
 # subject 1 is an X-Sub training subject and 3 is not; camera 2 trains under X-View, 1 tests.

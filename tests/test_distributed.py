@@ -23,11 +23,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.attacks import attack
-from models.config import AttackConfig, ConfigError, TrainConfig, preset_config
-from models.distributed import DistributedError, RankBatches, train_data_parallel
-from models.fusion import build_model
-from models.train import train
+from robustact.models.attacks import attack
+from robustact.models.config import AttackConfig, ConfigError, TrainConfig, preset_config
+from robustact.models.distributed import DistributedError, RankBatches, train_data_parallel
+from robustact.models.fusion import build_model
+from robustact.models.train import train
 from tests.test_train import K, TensorClips
 
 ATTACK = AttackConfig(name="pgd", mode="RS", steps=2)
@@ -134,7 +134,7 @@ def test_resume_after_the_ranks_are_killed(amr_runs, tmp_path):
 
 
 def test_should_stop_in_the_parent_stops_every_rank(tmp_path):
-    from models.train import TrainingCancelled
+    from robustact.models.train import TrainingCancelled
 
     cfg = preset_config("tiny", arch="skeleton", num_classes=K)
     tc = TrainConfig(defence="none", epochs=50, batch_size=4)

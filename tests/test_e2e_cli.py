@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from models.evaluate import ClipRecords
-from models.report import load_report
-from service.cli import app
+from robustact.models.evaluate import ClipRecords
+from robustact.models.report import load_report
+from robustact.service.cli import app
 
 pytestmark = pytest.mark.slow
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attacks import attack, run_attack
-from models.config import ATTACKS, MAX_QUERIES, MAX_STEPS, AttackConfig, ConfigError, max_steps, preset_config
-from models.evaluate import (ATTACK_SPEC_MAX_LENGTH, ATTACK_SPEC_PATTERN, BROKEN, CLEAN_WRONG, SKIPPED, SURVIVED,
+from robustact.models.attacks import attack, run_attack
+from robustact.models.config import ATTACKS, MAX_QUERIES, MAX_STEPS, AttackConfig, ConfigError, max_steps, preset_config
+from robustact.models.evaluate import (ATTACK_SPEC_MAX_LENGTH, ATTACK_SPEC_PATTERN, BROKEN, CLEAN_WRONG, SKIPPED, SURVIVED,
                              ClipRecords, build_suite, cascade_order, evaluate, parse_attack_spec, run_records)
-from models.fusion import ModelOutput, build_model
-from models.report import build_report, compare
+from robustact.models.fusion import ModelOutput, build_model
+from robustact.models.report import build_report, compare
 
 T, H, TS, V, M = 2, 4, 3, 5, 2
 CENTRES = torch.tensor([0.5, 1.0, 1.5])

@@ -16,11 +16,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.attacks import run_attack
-from models.config import AttackConfig, TrainConfig, preset_config
-from models.evaluate import run_records
-from models.fusion import build_model
-from models.train import train
+from robustact.models.attacks import run_attack
+from robustact.models.config import AttackConfig, TrainConfig, preset_config
+from robustact.models.evaluate import run_records
+from robustact.models.fusion import build_model
+from robustact.models.train import train
 from tests.test_train import TensorClips
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -62,7 +62,7 @@ def test_an_attack_on_cuda_agrees_with_the_cpu():
 
 @cuda
 def test_training_evaluation_on_cuda_and_the_checkpoint_loads_on_cpu(tmp_path):
-    from models.checkpoint import load_checkpoint
+    from robustact.models.checkpoint import load_checkpoint
 
     cfg = preset_config("tiny", num_classes=3)
     data = TensorClips(cfg, n=8)

@@ -4,18 +4,20 @@ import pkgutil
 import subprocess
 import sys
 
-import models
+from robustact import models
 
-FORBIDDEN = ("fastapi", "starlette", "celery", "kombu", "sqlalchemy", "alembic", "boto3", "botocore", "service", "worker")
+FORBIDDEN = ("fastapi", "starlette", "celery", "kombu", "sqlalchemy", "alembic", "boto3", "botocore",
+             "robustact.service", "robustact.worker")
 
 
 def test_models_imports_no_service_libraries():
-    names = [m.name for m in pkgutil.walk_packages(models.__path__, "models.")]
-    assert {"models.attacks", "models.i3d", "models.hcn", "models.amr", "models.data.ntu"} <= set(names)
+    names = [m.name for m in pkgutil.walk_packages(models.__path__, "robustact.models.")]
+    assert {"robustact.models.attacks", "robustact.models.i3d", "robustact.models.hcn", "robustact.models.amr",
+            "robustact.models.data.ntu"} <= set(names)
     code = (
         "import importlib, sys\n"
         f"for n in {names!r}: importlib.import_module(n)\n"
-        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})\n"
+        f"bad = sorted(m for m in sys.modules if any(m == f or m.startswith(f + '.') for f in {FORBIDDEN!r}))\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.amr import AMR
-from models.config import AMR_PAIRS, preset_config
-from models.fusion import ActionNet, ModelOutput, build_model
-from models.hcn import HCN, STAGES
-from models.i3d import ENDPOINTS, I3D, MaxPool3dSame, same_padding
+from robustact.models.amr import AMR
+from robustact.models.config import AMR_PAIRS, preset_config
+from robustact.models.fusion import ActionNet, ModelOutput, build_model
+from robustact.models.hcn import HCN, STAGES
+from robustact.models.i3d import ENDPOINTS, I3D, MaxPool3dSame, same_padding
 
 K = 5
 

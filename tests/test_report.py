@@ -3,9 +3,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from models.report import (ReportError, average, compare, format_comparison, load_report,
+from robustact.models.report import (ReportError, average, compare, format_comparison, load_report,
                            relative_improvement, validate_report)
-from service.cli import app
+from robustact.service.cli import app
 from tests.fixtures.make_paper_reports import PAPER_RI, TABLE2, paper_report, write
 from tests.fixtures.make_view_reports import v2_reports
 from tests.fixtures.make_view_reports import write as write_v2

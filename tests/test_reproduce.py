@@ -7,8 +7,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from models.reproduce import TABLE_FILES, plan_for
-from service.cli import app
+from robustact.models.reproduce import TABLE_FILES, plan_for
+from robustact.service.cli import app
 
 pytestmark = pytest.mark.slow
 
@@ -110,8 +110,8 @@ def test_reproduce_evaluates_like_evaluate_and_never_flushes_denormals(tmp_path)
     import numpy as np
     import torch
 
-    from models.evaluate import ClipRecords
-    from models.reproduce import run_plan
+    from robustact.models.evaluate import ClipRecords
+    from robustact.models.reproduce import run_plan
 
     with _flush():  # the probe itself must see a flush
         assert _denormals_flushed()

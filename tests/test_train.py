@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.attacks import attack
-from models.checkpoint import CheckpointError, load_checkpoint
-from models.config import AttackConfig, ConfigError, TrainConfig, preset_config
-from models.fusion import build_model
-from models.train import TrainingCancelled, TrainingDiverged, cosine_lr, objective, train
+from robustact.models.attacks import attack
+from robustact.models.checkpoint import CheckpointError, load_checkpoint
+from robustact.models.config import AttackConfig, ConfigError, TrainConfig, preset_config
+from robustact.models.fusion import build_model
+from robustact.models.train import TrainingCancelled, TrainingDiverged, cosine_lr, objective, train
 
 K = 3
 

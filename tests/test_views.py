@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from models.report import COLUMNS, ReportError, compare
-from models.views import (amr_weights, build_views, defence_table, diagnostics, modal_table, nice_ticks, render_html,
+from robustact.models.report import COLUMNS, ReportError, compare
+from robustact.models.views import (amr_weights, build_views, defence_table, diagnostics, modal_table, nice_ticks, render_html,
                           robustness_curves, views_html, worst_case)
-from service.cli import app
+from robustact.service.cli import app
 from tests.fixtures.make_paper_reports import PAPER_RI, TABLE2, paper_report
 from tests.fixtures.make_view_reports import (EPS, fusion_report, unimodal_report, v2_report, v2_reports,
                                               view_reports)

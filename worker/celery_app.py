@@ -4,14 +4,14 @@ One task at a time per worker process (solo pool, prefetch 1) so one worker owns
 acks late + reject on worker lost so a message is not lost with a dying worker. The job
 row in the database, not a Celery result backend, records what happened.
 
-Run a worker: ``celery -A worker.celery_app worker -P solo`` (or ``robustact worker``).
+Run a worker: ``celery -A robustact.worker.celery_app worker -P solo`` (or ``robustact worker``).
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from service.settings import Settings
+from robustact.service.settings import Settings
 
 QUEUE = "robustact"
 TRAIN_TASK = "robustact.train"
@@ -40,7 +40,7 @@ def queue_depth(celery: Celery, timeout_s: float = 5.0) -> int:
 
 
 def make_celery(settings: Settings, include_tasks: bool = False) -> Celery:
-    app = Celery("robustact", broker=settings.broker_url, include=["worker.tasks"] if include_tasks else [])
+    app = Celery("robustact", broker=settings.broker_url, include=["robustact.worker.tasks"] if include_tasks else [])
     app.conf.update(
         broker_transport_options=broker_transport_options(settings.broker_url),
         broker_connection_retry_on_startup=True,

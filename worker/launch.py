@@ -1,4 +1,4 @@
-"""``python -m worker.launch <celery worker arguments>``: a Celery worker that dies with the
+"""``python -m robustact.worker.launch <celery worker arguments>``: a Celery worker that dies with the
 process that started it.
 
 ``robustact serve`` (and the tests) start their workers through this module with

@@ -45,12 +45,12 @@ from celery import signals
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.backends import is_outage, retrying
-from service.db import Dataset, Job, Model, Report, Worker, file_lock, make_engine, make_sessionmaker, new_id, utcnow
-from service.reaper import Reaper
-from service.settings import Settings
-from service.store import CLIPS_FILE, ObjectNotFound, Store, clips_key, materialize_dir, open_store
-from worker.celery_app import EVALUATE_TASK, MERGE_TASK, SHARD_TASK, TRAIN_TASK, app
+from robustact.service.backends import is_outage, retrying
+from robustact.service.db import Dataset, Job, Model, Report, Worker, file_lock, make_engine, make_sessionmaker, new_id, utcnow
+from robustact.service.reaper import Reaper
+from robustact.service.settings import Settings
+from robustact.service.store import CLIPS_FILE, ObjectNotFound, Store, clips_key, materialize_dir, open_store
+from robustact.worker.celery_app import EVALUATE_TASK, MERGE_TASK, SHARD_TASK, TRAIN_TASK, app
 
 log = logging.getLogger("robustact.worker")
 
@@ -274,8 +274,8 @@ def run_job(job_id: str, body: Callable[[Context, Job, JobRun], None],
                 job = ctx.read(Job, job_id)
                 body(ctx, job, run)
             except Exception as e:
-                from models.evaluate import EvaluationCancelled
-                from models.train import TrainingCancelled
+                from robustact.models.evaluate import EvaluationCancelled
+                from robustact.models.train import TrainingCancelled
 
                 if run.cancel_seen or isinstance(e, (TrainingCancelled, EvaluationCancelled)):
                     log.info("job %s: cancelled (%s)", job_id, e)
@@ -346,7 +346,7 @@ def dataset_root(ctx: Context, dataset: Dataset) -> Path:
 def prepared_cache(ctx: Context, dataset: Dataset, model_cfg, run: "JobRun") -> Path:
     """The decoded cache of ``dataset`` at the model's input geometry, prepared once per
     host (``prepare`` itself writes a temp directory and renames it into place)."""
-    from models.data.cache import META_FILE, prepare
+    from robustact.models.data.cache import META_FILE, prepare
 
     geometry = f"{model_cfg.rgb_frames}f{model_cfg.rgb_size}px{model_cfg.skel_frames}s"
     cache = ctx.settings.cache_dir / "datasets" / dataset.id / geometry
@@ -393,7 +393,7 @@ def _read_pointer(store: Store, job_id: str) -> dict | None:
 def restore_last(store: Store, job_id: str, work: Path) -> int:
     """Put the job's last uploaded epoch checkpoint at ``work/last`` (unless a local one is
     at least as new); returns the epoch it resumes from (0 for a fresh start)."""
-    from models.train import LAST_DIR
+    from robustact.models.train import LAST_DIR
 
     local = work / LAST_DIR
     local_epoch = 0
@@ -413,9 +413,9 @@ def restore_last(store: Store, job_id: str, work: Path) -> int:
 
 
 def _train_body(ctx: Context, job: Job, run: JobRun) -> None:
-    from models.config import ModelConfig, TrainConfig
-    from models.data.cache import ClipDataset
-    from models.train import MODEL_DIR, train
+    from robustact.models.config import ModelConfig, TrainConfig
+    from robustact.models.data.cache import ClipDataset
+    from robustact.models.train import MODEL_DIR, train
 
     params = job.params
     dataset = ctx.read(Dataset, job.dataset_id)
@@ -485,9 +485,9 @@ def train_job(job_id: str) -> None:
 def _evaluation_inputs(ctx: Context, job: Job, run: JobRun):
     """(model row, dataset row, model, checkpoint meta, the evaluated clips, suite) of an
     evaluation job ``job`` (for a shard: its parent)."""
-    from models.checkpoint import load_checkpoint, resolve_device
-    from models.config import AttackConfig, ModelConfig
-    from models.data.cache import ClipDataset
+    from robustact.models.checkpoint import load_checkpoint, resolve_device
+    from robustact.models.config import AttackConfig, ModelConfig
+    from robustact.models.data.cache import ClipDataset
 
     params = job.params
     model_row = ctx.read(Model, job.model_id)
@@ -507,7 +507,7 @@ def _dataset_info(dataset: Dataset, params: dict) -> dict:
 
 
 def _evaluate_body(ctx: Context, job: Job, run: JobRun) -> None:
-    from models.evaluate import evaluate
+    from robustact.models.evaluate import evaluate
 
     params = job.params
     model_row, dataset, model, meta, data, suite = _evaluation_inputs(ctx, job, run)
@@ -559,7 +559,7 @@ def evaluate_job(job_id: str) -> None:
 
 
 def _settle_parent(ctx: Context, parent_id: str) -> None:
-    from service.shards import settle
+    from robustact.service.shards import settle
 
     def send_merge(pid: str) -> None:
         app.send_task(MERGE_TASK, args=[pid])
@@ -575,8 +575,8 @@ def _shard_body(ctx: Context, job: Job, run: JobRun) -> None:
     import numpy as np
     from torch.utils.data import Subset
 
-    from models.evaluate import clip_identities, run_records
-    from service.shards import chunk_key, chunk_prefix, shard_bounds, start_parent
+    from robustact.models.evaluate import clip_identities, run_records
+    from robustact.service.shards import chunk_key, chunk_prefix, shard_bounds, start_parent
 
     parent = ctx.read(Job, job.parent_id)
 
@@ -626,7 +626,7 @@ def evaluate_shard_job(job_id: str) -> None:
 def claim_merge(sessions: sessionmaker[Session], job_id: str, worker: str) -> int | None:
     """Take the merge of a sharded evaluation whose shards all succeeded (a new attempt on
     the running parent: an older merge still at work loses ownership)."""
-    from service.shards import children
+    from robustact.service.shards import children
 
     with sessions() as session:
         if not all(c.status == "succeeded" for c in children(session, job_id)):
@@ -641,10 +641,10 @@ def claim_merge(sessions: sessionmaker[Session], job_id: str, worker: str) -> in
 
 
 def _merge_body(ctx: Context, job: Job, run: JobRun) -> None:
-    from models.checkpoint import load_checkpoint, resolve_device
-    from models.evaluate import ClipRecords
-    from models.report import build_report
-    from service.shards import chunk_prefix, children
+    from robustact.models.checkpoint import load_checkpoint, resolve_device
+    from robustact.models.evaluate import ClipRecords
+    from robustact.models.report import build_report
+    from robustact.service.shards import chunk_prefix, children
 
     def shards() -> list[Job]:
         with ctx.sessions() as session:

@@ -22,15 +22,15 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from models.data import ntu
-from service.api.deps import SessionDep, SettingsDep, invalid
-from service.api.shares import ShareCreate, ShareList, add_share, delete_shares, remove_share, shares_of
-from service.auth import Caller, CallerDep, can_read, not_found, require_admin, require_owner, scoped
-from service.db import Dataset, Job, Model, Report, new_id
-from service.idempotency import IdempotencyHeader, create_once, remember
-from service.schemas import MAX_OFFSET, DatasetCreate, DatasetList, DatasetPublic, Links
-from service.settings import Settings
-from service.store import StoreError, open_store
+from robustact.models.data import ntu
+from robustact.service.api.deps import SessionDep, SettingsDep, invalid
+from robustact.service.api.shares import ShareCreate, ShareList, add_share, delete_shares, remove_share, shares_of
+from robustact.service.auth import Caller, CallerDep, can_read, not_found, require_admin, require_owner, scoped
+from robustact.service.db import Dataset, Job, Model, Report, new_id
+from robustact.service.idempotency import IdempotencyHeader, create_once, remember
+from robustact.service.schemas import MAX_OFFSET, DatasetCreate, DatasetList, DatasetPublic, Links
+from robustact.service.settings import Settings
+from robustact.service.store import StoreError, open_store
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

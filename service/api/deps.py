@@ -10,8 +10,8 @@ from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
-from service.settings import Settings
-from service.store import Store
+from robustact.service.settings import Settings
+from robustact.service.store import Store
 
 
 def get_session(request: Request) -> Iterator[Session]:

@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from service.reaper import workers_alive
-from worker.celery_app import queue_depth
+from robustact.service.reaper import workers_alive
+from robustact.worker.celery_app import queue_depth
 
 router = APIRouter(tags=["health"])
 

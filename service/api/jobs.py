@@ -17,20 +17,20 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from models.config import AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
-from models.evaluate import build_suite, check_suite, default_strategy
-from service.api.datasets import dataset_or_404
-from service.api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, invalid
-from service.auth import Caller, CallerDep, get_visible, scoped
-from service.idempotency import IdempotencyHeader, create_once, remember
-from service.db import FINISHED, ApiKey, Dataset, Job, JobGroup, Model, Report, new_id, utcnow
-from service.schemas import MAX_OFFSET
-from service.settings import Settings
-from service.schemas import (EvaluateJobCreate, JobCreate, JobInputs, JobList, JobOutputs, JobPublic, JobStatus,
+from robustact.models.config import AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
+from robustact.models.evaluate import build_suite, check_suite, default_strategy
+from robustact.service.api.datasets import dataset_or_404
+from robustact.service.api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, invalid
+from robustact.service.auth import Caller, CallerDep, get_visible, scoped
+from robustact.service.idempotency import IdempotencyHeader, create_once, remember
+from robustact.service.db import FINISHED, ApiKey, Dataset, Job, JobGroup, Model, Report, new_id, utcnow
+from robustact.service.schemas import MAX_OFFSET
+from robustact.service.settings import Settings
+from robustact.service.schemas import (EvaluateJobCreate, JobCreate, JobInputs, JobList, JobOutputs, JobPublic, JobStatus,
                              JobTimings, Links, ShardPublic, TrainJobCreate)
-from service.shards import auto_shards, cancel_parent, make_shards, retry_parent, settle
-from service.store import ObjectNotFound
-from worker.celery_app import MERGE_TASK, TASK_FOR_KIND
+from robustact.service.shards import auto_shards, cancel_parent, make_shards, retry_parent, settle
+from robustact.service.store import ObjectNotFound
+from robustact.worker.celery_app import MERGE_TASK, TASK_FOR_KIND
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("robustact.api")

@@ -10,11 +10,11 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
-from service.api.deps import SessionDep, SettingsDep
-from service.auth import CallerDep, active_admins, create_key, not_found, require_admin, revoke
-from service.db import ApiKey
-from service.schemas import MAX_OFFSET, Links
-from service.settings import Settings
+from robustact.service.api.deps import SessionDep, SettingsDep
+from robustact.service.auth import CallerDep, active_admins, create_key, not_found, require_admin, revoke
+from robustact.service.db import ApiKey
+from robustact.service.schemas import MAX_OFFSET, Links
+from robustact.service.settings import Settings
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 

@@ -17,15 +17,15 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
-from models.checkpoint import CheckpointError
-from service.api.deps import SessionDep, SettingsDep, StoreDep, invalid
-from service.api.shares import ShareCreate, ShareList, add_share, delete_shares, remove_share, shares_of
-from service.auth import Caller, CallerDep, get_visible, require_owner, scoped
-from service.classify import MediaTypeError, Upload, UploadError, classify
-from service.decoder import DecodeError
-from service.db import Job, Model, Report
-from service.schemas import MAX_OFFSET, ClassifyResult, Links, ModelList, ModelPublic
-from service.store import ObjectNotFound, Store
+from robustact.models.checkpoint import CheckpointError
+from robustact.service.api.deps import SessionDep, SettingsDep, StoreDep, invalid
+from robustact.service.api.shares import ShareCreate, ShareList, add_share, delete_shares, remove_share, shares_of
+from robustact.service.auth import Caller, CallerDep, get_visible, require_owner, scoped
+from robustact.service.classify import MediaTypeError, Upload, UploadError, classify
+from robustact.service.decoder import DecodeError
+from robustact.service.db import Job, Model, Report
+from robustact.service.schemas import MAX_OFFSET, ClassifyResult, Links, ModelList, ModelPublic
+from robustact.service.store import ObjectNotFound, Store
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 log = logging.getLogger("robustact.api")

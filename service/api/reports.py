@@ -13,13 +13,13 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import func, select
 
-from models.report import WORST_CASE, ReportError, compare, format_comparison, report_name, validate_report
-from models.views import attack_labels, build_views, render_html
-from service.api.deps import SessionDep, StoreDep, invalid
-from service.auth import Caller, CallerDep, get_visible, require_owner, scoped
-from service.db import Report
-from service.schemas import MAX_OFFSET, CompareRequest, Links, ReportList, ReportPublic
-from service.store import ObjectNotFound, Store, clips_key
+from robustact.models.report import WORST_CASE, ReportError, compare, format_comparison, report_name, validate_report
+from robustact.models.views import attack_labels, build_views, render_html
+from robustact.service.api.deps import SessionDep, StoreDep, invalid
+from robustact.service.auth import Caller, CallerDep, get_visible, require_owner, scoped
+from robustact.service.db import Report
+from robustact.service.schemas import MAX_OFFSET, CompareRequest, Links, ReportList, ReportPublic
+from robustact.service.store import ObjectNotFound, Store, clips_key
 
 router = APIRouter(prefix="/v1/reports", tags=["reports"])
 log = logging.getLogger("robustact.api")
@@ -215,7 +215,7 @@ def get_report_clips(report_id: str, caller: CallerDep, session: SessionDep, sto
     """The evaluation's per-clip table: label, clean prediction and, per suite entry,
     whether it broke the clip and at which iterate (docs/REPORT.md). Every accuracy of the
     report is an aggregate of it."""
-    from models.evaluate import ClipRecords
+    from robustact.models.evaluate import ClipRecords
 
     row = get_visible(session, Report, report_id, caller, "report")
     try:

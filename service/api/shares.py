@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.auth import Caller
-from service.db import ApiKey, Share
+from robustact.service.auth import Caller
+from robustact.service.db import ApiKey, Share
 
 ALL = "all"
 
@@ -52,7 +52,7 @@ def shares_of(session: Session, kind: str, object_id: str) -> ShareList:
 def add_share(session: Session, kind: str, object_id: str, body: ShareCreate, caller: Caller) -> None:
     """Idempotent: sharing twice with the same grantee changes nothing. An unknown or revoked
     key is a 422 naming ``key_id``."""
-    from service.api.deps import invalid
+    from robustact.service.api.deps import invalid
 
     grantee = None
     if body.key_id is not None:

@@ -22,15 +22,15 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import func, select, update
 
-from service.api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, invalid
-from service.api.jobs import check_quota, new_job, submit_jobs
-from service.shards import cancel_parent
-from service.api.reports import render_views, report_document
-from service.auth import Caller, CallerDep, get_visible, scoped
-from service.db import FINISHED, Job, JobGroup, Model, Report, new_id, utcnow
-from service.idempotency import IdempotencyHeader, create_once, remember
-from service.schemas import MAX_OFFSET
-from service.schemas import (EvaluateJobCreate, Links, SweepCounts, SweepCreate, SweepJob, SweepList, SweepPublic,
+from robustact.service.api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, invalid
+from robustact.service.api.jobs import check_quota, new_job, submit_jobs
+from robustact.service.shards import cancel_parent
+from robustact.service.api.reports import render_views, report_document
+from robustact.service.auth import Caller, CallerDep, get_visible, scoped
+from robustact.service.db import FINISHED, Job, JobGroup, Model, Report, new_id, utcnow
+from robustact.service.idempotency import IdempotencyHeader, create_once, remember
+from robustact.service.schemas import MAX_OFFSET
+from robustact.service.schemas import (EvaluateJobCreate, Links, SweepCounts, SweepCreate, SweepJob, SweepList, SweepPublic,
                              TrainJobCreate)
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])

@@ -21,8 +21,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service.runner import start_worker, stop_worker
-from service.settings import Settings
+from robustact.service.runner import start_worker, stop_worker
+from robustact.service.settings import Settings
 
 # One torch thread per process: the API, the workers and the test runner share two cores,
 # where OpenMP threads waiting on each other can make a step 50x slower.
@@ -36,8 +36,8 @@ TEST_SETTINGS = dict(heartbeat_interval_s=0.5, heartbeat_timeout_s=20.0, seed_da
 def new_key(settings: Settings, name: str = "test-admin", admin: bool = True, **quotas: Any) -> tuple[str, str]:
     """A key made directly in the service's database (as ``robustact keys create`` does):
     (key id, key)."""
-    from service.auth import create_key
-    from service.db import make_engine, make_sessionmaker
+    from robustact.service.auth import create_key
+    from robustact.service.db import make_engine, make_sessionmaker
 
     engine = make_engine(settings.database_url)
     try:
@@ -96,7 +96,7 @@ def dataset_location(svc: "LiveService", backend: str, root: Path) -> str:
     workers read it from S3."""
     if backend != "servers":
         return str(root)
-    from service.store import open_store
+    from robustact.service.store import open_store
 
     location = f"{svc.settings.store_url}/datasets/{root.name}"
     open_store(location, endpoint_url=svc.settings.s3_endpoint_url).put_dir("", root)
@@ -171,7 +171,7 @@ def live_service(tmp_path, request) -> Iterator[Callable[..., LiveService]]:
     process (uvicorn) and real Celery worker subprocesses; all stopped afterwards."""
     import uvicorn
 
-    from service.app import create_app
+    from robustact.service.app import create_app
 
     started: list[tuple[LiveService, uvicorn.Server, threading.Thread]] = []
 
@@ -213,7 +213,7 @@ def live_service(tmp_path, request) -> Iterator[Callable[..., LiveService]]:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A tiny synthetic dataset: 3 classes x 4 subjects (X-Sub: 3 train, 1 test) x 2 cameras."""
-    from models.data.synth import synthesize
+    from robustact.models.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("synthetic") / "tiny3"
     synthesize(root, num_classes=3, subjects=(1, 2, 3, 4), cameras=(1, 2), replications=(1,), frames=16,

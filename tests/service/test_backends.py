@@ -6,7 +6,7 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from sqlalchemy import exc as sa_exc
 
-from service.backends import is_outage, retrying
+from robustact.service.backends import is_outage, retrying
 
 
 def _operational() -> sa_exc.OperationalError:

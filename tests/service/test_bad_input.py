@@ -17,13 +17,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from models.data import ntu
-from service.app import create_app
-from service.db import Dataset, Job, Model, Report, make_engine, make_sessionmaker
-from service.settings import Settings
-from service.store import open_store
+from robustact.models.data import ntu
+from robustact.service.app import create_app
+from robustact.service.db import Dataset, Job, Model, Report, make_engine, make_sessionmaker
+from robustact.service.settings import Settings
+from robustact.service.store import open_store
 from tests.service.conftest import TEST_SETTINGS, authorize
-from worker.tasks import add_model
+from robustact.worker.tasks import add_model
 
 SAMPLE = "S001C001P003R001A002"
 
@@ -56,9 +56,9 @@ def api(tmp_path_factory, synthetic_root, upload_tmp):
 def _tiny_model(settings: Settings, dataset: dict, owner_id: str | None = None, name: str = "random-tiny") -> str:
     """A randomly initialised tiny fusion model registered the way the worker does it,
     owned by ``owner_id``."""
-    from models.checkpoint import save_checkpoint
-    from models.config import TrainConfig, preset_config
-    from models.fusion import build_model
+    from robustact.models.checkpoint import save_checkpoint
+    from robustact.models.config import TrainConfig, preset_config
+    from robustact.models.fusion import build_model
 
     cfg = preset_config("tiny", num_classes=dataset["num_classes"], num_amr=1)
     directory = settings.data_dir / f"ckpt-{name}"
@@ -166,7 +166,7 @@ def test_unknown_job_kind_and_bad_json(api, unchanged):
 
 
 def test_evaluating_on_a_dataset_with_other_classes(api, tmp_path, synthetic_root):
-    from models.data.synth import synthesize
+    from robustact.models.data.synth import synthesize
 
     other = tmp_path / "four"
     synthesize(other, num_classes=4, subjects=(1, 3), cameras=(1,), replications=(1,), frames=8,
@@ -381,7 +381,7 @@ def test_errors_are_json_everywhere(api):
 
 def test_compare_inline_reports_reproduces_the_papers_ri(api, unchanged):
     """POST /v1/reports/compare takes report documents too (as the CLI writes them)."""
-    from models.report import compare
+    from robustact.models.report import compare
     from tests.fixtures.make_paper_reports import PAPER_RI, TABLE2, paper_report
 
     reports = [paper_report(*row, dataset="ntu") for row in TABLE2["ntu"]]
@@ -406,7 +406,7 @@ def test_compare_inline_reports_reproduces_the_papers_ri(api, unchanged):
 
 def _store_report(api, document: dict) -> str:
     """A report row and its document, stored the way the worker stores them."""
-    from service.db import new_id
+    from robustact.service.db import new_id
 
     report_id = new_id()
     key = f"reports/{report_id}/report.json"

@@ -10,9 +10,9 @@ import re
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from models.config import MAX_QUERIES, MAX_STEPS
-from models.evaluate import ATTACK_SPEC_MAX_LENGTH, ATTACK_SPEC_PATTERN
-from service.schemas import (MAX_ATTACKS, MAX_BASE_FIELDS, MAX_BUDGETS, MAX_COMPARE, MAX_GRID_FIELDS, MAX_GRID_VALUES,
+from robustact.models.config import MAX_QUERIES, MAX_STEPS
+from robustact.models.evaluate import ATTACK_SPEC_MAX_LENGTH, ATTACK_SPEC_PATTERN
+from robustact.service.schemas import (MAX_ATTACKS, MAX_BASE_FIELDS, MAX_BUDGETS, MAX_COMPARE, MAX_GRID_FIELDS, MAX_GRID_VALUES,
                              MAX_ID_LENGTH, MAX_LAMBDA, MAX_LOCATION_LENGTH, MAX_SAMPLES, MAX_SEED, MAX_SUITE,
                              AttackSpec, CompareRequest, EvaluateJobCreate, SweepCreate, TrainJobCreate)
 from tests.test_evaluate import accepted_by_the_engine, attack_spec_candidates

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from models.data import ntu
+from robustact.models.data import ntu
 from tests.service.conftest import dataset_location
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -91,7 +91,7 @@ def test_train_evaluate_report_classify(backend, live_service, synthetic_root, r
             assert worst["modes"][mode]["accuracy"] <= result["accuracy"] <= clean
     assert "flags" in report["diagnostics"] and report["per_clip"]["file"] == "clips.npz"
     # The per-clip records, as npz (no pickle) and as JSON; the report's numbers come from them.
-    from models.evaluate import ClipRecords
+    from robustact.models.evaluate import ClipRecords
 
     npz = c.get(f"/v1/reports/{report_id}/clips")
     assert npz.status_code == 200 and npz.headers["content-type"] == "application/octet-stream"
@@ -163,7 +163,7 @@ def test_train_evaluate_report_classify(backend, live_service, synthetic_root, r
     assert jobs["total"] == 3 and len(jobs["items"]) == 1 and jobs["items"][0]["kind"] == "evaluate"
 
     if backend == "servers":  # artefacts are in S3 and rows in Postgres, nothing registered half-way
-        from service.store import open_store
+        from robustact.service.store import open_store
 
         store = open_store(svc.settings.store_url, svc.settings.s3_endpoint_url)
         keys = store.list("")

@@ -31,8 +31,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.errors import FailureGroup
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from models.data import ntu
-from service.runner import stop_worker
+from robustact.models.data import ntu
+from robustact.service.runner import stop_worker
 from tests.service.conftest import new_key
 from tests.service.test_sweeps import _wait_sweep
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from models.data import ntu
-from service.db import Job, make_engine, make_sessionmaker, migrate, utcnow
-from service.reaper import reap_stale_jobs
+from robustact.models.data import ntu
+from robustact.service.db import Job, make_engine, make_sessionmaker, migrate, utcnow
+from robustact.service.reaper import reap_stale_jobs
 from tests.service.conftest import dataset_location
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -17,14 +17,14 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete, update
 
-from models.data import ntu
-from service.app import create_app
-from service.db import Job, Worker, utcnow
-from service.metrics import READ_TIMEOUT_S
-from service.settings import Settings
+from robustact.models.data import ntu
+from robustact.service.app import create_app
+from robustact.service.db import Job, Worker, utcnow
+from robustact.service.metrics import READ_TIMEOUT_S
+from robustact.service.settings import Settings
 from tests.service.conftest import TEST_SETTINGS, authorize
 from tests.service.test_bad_input import SAMPLE, _tiny_model
-from worker.celery_app import TRAIN_TASK
+from robustact.worker.celery_app import TRAIN_TASK
 
 # The API's reaper leaves the rows these tests insert alone: no heartbeat goes stale, no
 # queued job is old enough to be sent again.

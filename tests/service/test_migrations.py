@@ -9,7 +9,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from service.db import Base, alembic_config, make_engine, migrate
+from robustact.service.db import Base, alembic_config, make_engine, migrate
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

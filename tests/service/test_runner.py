@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.runner import SEED_DATASET, ensure_seed_dataset
-from service.settings import Settings
+from robustact.service.runner import SEED_DATASET, ensure_seed_dataset
+from robustact.service.settings import Settings
 from tests.service.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -72,7 +72,7 @@ def test_serve_seeds_a_dataset_and_runs_a_worker(tmp_path):
         assert client.get("/v1/keys/me", headers=admin).json()["admin"] is True
 
         # A user key made with the CLI on the same data directory sees the seed dataset.
-        cli = [sys.executable, "-m", "service.cli", "keys"]
+        cli = [sys.executable, "-m", "robustact.service.cli", "keys"]
         made = subprocess.run(cli + ["create", "--name", "alice", "--data-dir", str(tmp_path / "var")], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=120)
         assert made.returncode == 0, made.stderr
@@ -131,7 +131,7 @@ def _cmdline(pid: int) -> str:
 
 
 def _worker_children(pid: int) -> list[int]:
-    return [c for c in _children(pid) if "worker.launch" in _cmdline(c)]
+    return [c for c in _children(pid) if "robustact.worker.launch" in _cmdline(c)]
 
 
 def _gone(pid: int) -> bool:
@@ -195,7 +195,7 @@ def test_a_missing_backend_is_one_clear_line(command, tmp_path, s3_endpoint):
              ({"ROBUSTACT_STORE_URL": "s3://no-such-bucket-here/x", "ROBUSTACT_S3_ENDPOINT_URL": s3_endpoint},
               "cannot use the object store s3://no-such-bucket-here/x")]
     for extra, words in cases:
-        done = subprocess.run([sys.executable, "-m", "service.cli", command, "--data-dir", str(tmp_path / "var")],
+        done = subprocess.run([sys.executable, "-m", "robustact.service.cli", command, "--data-dir", str(tmp_path / "var")],
                               cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()

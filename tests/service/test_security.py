@@ -13,10 +13,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.db import Report, make_engine, make_sessionmaker
-from service.settings import Settings
-from service.store import open_store
+from robustact.service.app import create_app
+from robustact.service.db import Report, make_engine, make_sessionmaker
+from robustact.service.settings import Settings
+from robustact.service.store import open_store
 from tests.service.conftest import TEST_SETTINGS, authorize, dataset_location, new_key
 from tests.service.test_bad_input import _tiny_model
 from tests.service.test_uploads import rss_mb

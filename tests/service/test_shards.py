@@ -132,7 +132,7 @@ def test_a_failing_shard_fails_the_evaluation(live_service, synthetic_root):
     # the model's files disappear: every shard fails to load it
     import shutil
 
-    from service.store import open_store
+    from robustact.service.store import open_store
 
     shutil.rmtree(svc.settings.cache_dir / "models", ignore_errors=True)
     store = open_store(svc.settings.store_url)

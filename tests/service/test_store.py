@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from service.store import FileStore, ObjectNotFound, S3Store, StoreError, materialize_dir, open_store
+from robustact.service.store import FileStore, ObjectNotFound, S3Store, StoreError, materialize_dir, open_store
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -84,7 +84,7 @@ def test_file_writes_are_atomic(tmp_path, monkeypatch):
         dst.write(b"partial")
         raise Boom
 
-    monkeypatch.setattr("service.store.shutil.copyfileobj", failing_copy)
+    monkeypatch.setattr("robustact.service.store.shutil.copyfileobj", failing_copy)
     src = tmp_path / "src"
     src.write_bytes(b"new")
     with pytest.raises(Boom):

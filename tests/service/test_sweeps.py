@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from service.app import create_app
-from service.db import Job, JobGroup, Model, Report, make_engine, make_sessionmaker
-from service.settings import Settings
-from service.store import open_store
+from robustact.service.app import create_app
+from robustact.service.db import Job, JobGroup, Model, Report, make_engine, make_sessionmaker
+from robustact.service.settings import Settings
+from robustact.service.store import open_store
 from tests.fixtures.make_view_reports import fusion_report
 from tests.service.conftest import TEST_SETTINGS, authorize
 from tests.service.test_bad_input import _tiny_model

@@ -23,8 +23,8 @@ import httpx
 import numpy as np
 import pytest
 
-from models.data import ntu
-from service.decoder import SKELETON, VIDEO, DecodeError, DecoderPool, Geometry, Limits, decode
+from robustact.models.data import ntu
+from robustact.service.decoder import SKELETON, VIDEO, DecodeError, DecoderPool, Geometry, Limits, decode
 from tests.service.test_bad_input import _tiny_model
 
 SAMPLE = "S001C001P003R001A002"

@@ -140,7 +140,7 @@ def subset_root(root: Path, out: Path, names: list[str]) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", type=int, default=64, help="samples prepared (distinct names)")
+    parser.add_argument("--clips", type=int, default=256, help="samples prepared (distinct names)")
     parser.add_argument("--base-clips", type=int, default=8, help="distinct synthetic samples rendered")
     parser.add_argument("--video-size", default="640x480", help="WIDTHxHEIGHT of the synthetic videos")
     parser.add_argument("--frames", type=int, default=64, help="frames per synthetic video")

@@ -276,7 +276,7 @@ def evaluate(
     restarts: Annotated[int, typer.Option(min=1, max=100, help="Restarts of every randomised attack (PGD/CW with random start, APGD, Square); the worst per clip is kept.")] = 1,
     worst_case_only: Annotated[Optional[bool], typer.Option("--worst-case-only/--full", help="Worst-case cascade (per budget and mode, cheapest attack first, only the clips still standing) instead of every attack on every clip. Default: cascade for autoattack, full otherwise.")] = None,
     diagnostics: Annotated[bool, typer.Option(help="Gradient-masking checks (zero gradients, unbounded attack, ...).")] = True,
-    shard: Annotated[Optional[str], typer.Option(help="I/N: evaluate only the I-th of N equal slices of the clips (e.g. on N machines), then combine the N reports with `robustact merge`; the result equals an unsharded run.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: evaluate only the I-th of N equal parts of the clips (a fixed pseudo-random partition) (e.g. on N machines), then combine the N reports with `robustact merge`; the result equals an unsharded run.")] = None,
 ):
     """Attack a trained model with an attack suite (attacks × modes × ε) and write a report
     and its per-clip records."""
@@ -311,13 +311,12 @@ def evaluate(
             subset = Subset(dataset, sorted(order.tolist()))
         shard_info = {}
         if shard is not None:
-            from robustact.service.shards import shard_bounds
+            from robustact.service.shards import shard_positions
 
             index, count = _shard_spec(shard)
             if count > len(subset):
                 raise ConfigError("shard", f"{count} shards for {len(subset)} clips; at most one shard per clip")
-            lo, hi = shard_bounds(len(subset), index - 1, count)
-            subset = Subset(subset, list(range(lo, hi)))
+            subset = Subset(subset, list(shard_positions(len(subset), index - 1, count)))
             shard_info = {"shard": f"{index}/{count}"}
         model_name = name or (model.parent.name if model.name == "model" else model.name)
         with _progress_bar("evaluating") as update:

@@ -2,7 +2,7 @@
 
 An evaluation job with ``shard_count`` = N > 1 is a *parent*: it is never sent to the
 broker itself. N jobs of kind ``shard`` (``parent_id``, ``shard_index``) are, and any worker
-takes any of them: shard i attacks the i-th contiguous slice of the evaluated clips and
+takes any of them: shard i attacks its share of a fixed pseudo-random partition of the evaluated clips (``shard_positions``) and
 writes its per-clip records to the store in chunks of ``shard_chunk_clips`` clips, so a shard
 whose worker died resumes after its last saved chunk, not from zero. Shards are ordinary
 jobs for claiming, heartbeats, reaping, retries and logs.
@@ -23,6 +23,7 @@ import datetime as dt
 import logging
 from typing import Callable
 
+import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -39,9 +40,14 @@ def auto_shards(clips: int) -> int:
     return max(1, min(MAX_SHARDS, clips // AUTO_CLIPS_PER_SHARD))
 
 
-def shard_bounds(clips: int, index: int, count: int) -> tuple[int, int]:
-    """Positions ``[lo, hi)`` of shard ``index`` of ``count`` over ``clips`` clips."""
-    return clips * index // count, clips * (index + 1) // count
+def shard_positions(clips: int, index: int, count: int) -> list[int]:
+    """Positions (sorted) of shard ``index`` of ``count`` over ``clips`` clips: a fixed
+    pseudo-random partition (seed 0, the same on every machine and for every evaluation of
+    that many clips). Neither contiguous slices nor every N-th clip: neighbouring clips
+    share a subject, camera or class, and with them whether they are classified correctly
+    (only those are attacked), so either would give the shards unequal work."""
+    order = np.random.default_rng(0).permutation(clips)
+    return sorted(int(p) for p in order[index::count])
 
 
 def chunk_prefix(shard_id: str) -> str:

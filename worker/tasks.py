@@ -576,7 +576,7 @@ def _shard_body(ctx: Context, job: Job, run: JobRun) -> None:
     from torch.utils.data import Subset
 
     from robustact.models.evaluate import clip_identities, run_records
-    from robustact.service.shards import chunk_key, chunk_prefix, shard_bounds, start_parent
+    from robustact.service.shards import chunk_key, chunk_prefix, shard_positions, start_parent
 
     parent = ctx.read(Job, job.parent_id)
 
@@ -588,13 +588,12 @@ def _shard_body(ctx: Context, job: Job, run: JobRun) -> None:
     params = parent.params
     _model_row, _dataset, model, _meta, data, suite = _evaluation_inputs(ctx, parent, run)
     ids = np.asarray(clip_identities(data), dtype=np.int64)
-    lo, hi = shard_bounds(len(data), job.shard_index, parent.shard_count)
-    rows = np.arange(lo, hi)
+    rows = np.asarray(shard_positions(len(data), job.shard_index, parent.shard_count), dtype=np.int64)
     size = max(1, ctx.settings.shard_chunk_clips)
     chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
     saved = set(ctx.patient(f"job {job.id}: list saved chunks", lambda: ctx.store.list(chunk_prefix(job.id))))
-    log.info("job %s: shard %d of %d, clips %d..%d of %d in %d chunk(s), %d already saved", job.id,
-             job.shard_index + 1, parent.shard_count, lo, hi - 1, len(data), len(chunks),
+    log.info("job %s: shard %d of %d, %d of %d clips in %d chunk(s), %d already saved", job.id,
+             job.shard_index + 1, parent.shard_count, len(rows), len(data), len(chunks),
              sum(chunk_key(job.id, k) in saved for k in range(len(chunks))))
     for k, chunk in enumerate(chunks):
         key = chunk_key(job.id, k)
@@ -615,7 +614,7 @@ def _shard_body(ctx: Context, job: Job, run: JobRun) -> None:
         ctx.patient(f"job {job.id}: save chunk {k + 1}", lambda: ctx.store.put_bytes(key, buffer.getvalue()))
         log.info("job %s: chunk %d of %d saved (%d clips)", job.id, k + 1, len(chunks), len(chunk))
     _commit_success(ctx, job.id, run.attempt, lambda: [],
-                    progress={"phase": "done", "clips": int(hi - lo), "chunks": len(chunks)}, cleanup=lambda: None)
+                    progress={"phase": "done", "clips": len(rows), "chunks": len(chunks)}, cleanup=lambda: None)
 
 
 @app.task(name=SHARD_TASK, acks_late=True, reject_on_worker_lost=True)

@@ -191,6 +191,9 @@ class TrainJobCreate(RequestBody):
     protocol: Protocol | None = Field(None, description="default: the dataset's protocol")
     max_samples: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="train on a class-balanced subset of "
                                                                             "this size")
+    devices: int = Field(1, ge=1, le=16, description="data-parallel processes on the worker that takes the job "
+                         "(DistributedDataParallel: one per GPU on a CUDA worker, gloo processes sharing the cores "
+                         "on a CPU one); batch_size is the global batch and must divide by it")
 
 
 class EvaluateJobCreate(RequestBody):

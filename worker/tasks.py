@@ -414,16 +414,15 @@ def restore_last(store: Store, job_id: str, work: Path) -> int:
 
 def _train_body(ctx: Context, job: Job, run: JobRun) -> None:
     from robustact.models.config import ModelConfig, TrainConfig
-    from robustact.models.data.cache import ClipDataset
+    from robustact.models.data.cache import load_split
     from robustact.models.train import MODEL_DIR, train
 
     params = job.params
     dataset = ctx.read(Dataset, job.dataset_id)
     model_cfg = ModelConfig.from_dict(params["model_config"])
     train_cfg = TrainConfig.from_dict(params["train_config"])
-    data = ClipDataset(prepared_cache(ctx, dataset, model_cfg, run), protocol=params["protocol"], split="train")
-    if params.get("max_samples"):
-        data = data.subset(params["max_samples"], seed=train_cfg.seed)
+    data_source = prepared_cache(ctx, dataset, model_cfg, run)
+    data = load_split(str(data_source), params["protocol"], "train", params.get("max_samples"), train_cfg.seed)
     work = ctx.settings.cache_dir / "jobs" / job.id
     resumed = ctx.patient(f"job {job.id}: restore its checkpoint", lambda: restore_last(ctx.store, job.id, work))
     if resumed:
@@ -433,9 +432,21 @@ def _train_body(ctx: Context, job: Job, run: JobRun) -> None:
         ctx.patient(f"job {job.id}: upload the epoch {epoch} checkpoint",
                     lambda: upload_last(ctx.store, job.id, path, epoch))
 
-    summary = train(model_cfg, train_cfg, data, work, preset=params["preset"], progress=run.progress,
-                    should_stop=run.should_stop, on_checkpoint=on_checkpoint,
-                    device=device_name(ctx.settings), resume=True)
+    devices = params.get("devices") or 1
+    if devices > 1:  # DistributedDataParallel over local processes (GPUs, or gloo on the CPU)
+        from robustact.models.distributed import train_data_parallel
+
+        threads = ctx.settings.worker_torch_threads or None
+        summary = train_data_parallel(
+            model_cfg, train_cfg, functools.partial(load_split, str(data_source), params["protocol"], "train",
+                                                    params.get("max_samples"), train_cfg.seed),
+            work, nproc=devices, device=ctx.settings.device, preset=params["preset"], progress=run.progress,
+            should_stop=run.should_stop, on_checkpoint=on_checkpoint, resume=True,
+            threads=max(1, threads // devices) if threads else None)
+    else:
+        summary = train(model_cfg, train_cfg, data, work, preset=params["preset"], progress=run.progress,
+                        should_stop=run.should_stop, on_checkpoint=on_checkpoint,
+                        device=device_name(ctx.settings), resume=True)
     log.info("job %s: trained %d epochs", job.id, summary["epochs"])
 
     name = params.get("name") or f"{train_cfg.defence}-{job.id[:8]}"

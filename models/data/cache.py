@@ -731,3 +731,12 @@ class ClipDataset(Dataset):
 def _sample_id(record: dict) -> SampleId:
     return SampleId(record["setup"], record["camera"], record["performer"],
                     record["replication"], record["action"])
+
+
+def load_split(cache_dir: str | os.PathLike, protocol: str, split: str, max_samples: int | None = None,
+               seed: int = 0) -> "ClipDataset":
+    """The clips of ``split`` under ``protocol``, or a class-balanced subset of
+    ``max_samples`` of them (``ClipDataset.subset``). Module level, so that
+    ``functools.partial(load_split, ...)`` pickles (data-parallel ranks build their own)."""
+    data = ClipDataset(cache_dir, protocol=protocol, split=split)
+    return data.subset(max_samples, seed=seed) if max_samples else data

@@ -150,8 +150,12 @@ def _train_params(session: Session, body: TrainJobCreate, caller: Caller) -> tup
         model_cfg = resolve_model_config(model_cfg, train_cfg)  # ExFMem bank size, fusion-only defences
     except ConfigError as e:
         _config_error(e)
+    if body.batch_size % body.devices:
+        invalid("batch_size", f"the global batch {body.batch_size} does not split over {body.devices} devices; "
+                              f"use a multiple of {body.devices}", body.batch_size)
     params = {"request": body.model_dump(mode="json"), "name": body.name, "preset": body.preset,
-              "protocol": protocol, "max_samples": body.max_samples, "model_config": model_cfg.to_dict(),
+              "protocol": protocol, "max_samples": body.max_samples, "devices": body.devices,
+              "model_config": model_cfg.to_dict(),
               "train_config": train_cfg.to_dict()}
     return params, dataset
 

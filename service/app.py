@@ -133,6 +133,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for unavailable in StoreUnavailable:  # botocore's connection errors
         app.add_exception_handler(unavailable, store_error)
 
+    try:
+        from botocore.exceptions import ClientError
+    except ImportError:  # boto3 not installed: only the file store
+        ClientError = None
+    if ClientError is not None:
+        @app.exception_handler(ClientError)
+        async def store_refused(request: Request, exc: ClientError):
+            # A missing object is ObjectNotFound (the routes' 404) before it gets here; anything
+            # else S3 answers (no such bucket, access denied, throttling) is the deployment's
+            # problem, not the request's.
+            code = exc.response.get("Error", {}).get("Code", "unknown")
+            log.error("object store refused %s %s: %s", request.method, request.url.path, exc)
+            return JSONResponse({"detail": f"the object store refused the request ({code}); retry shortly or "
+                                           "tell the operator"}, status_code=503, headers={"Retry-After": "5"})
+
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)

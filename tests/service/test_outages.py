@@ -12,6 +12,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from robustact.service.db import Job, make_engine, make_sessionmaker
 from tests.service.conftest import dataset_location, fresh_postgres_database
 from tests.servers import TcpProxy
 
@@ -154,3 +155,23 @@ def test_jobs_whose_messages_the_broker_lost_are_sent_again(live_service, synthe
     for job in jobs:
         done = svc.wait_job(job["id"], timeout=180)
         assert done["status"] == "succeeded" and done["attempts"] == 1, (done, svc.worker_logs())
+
+
+def test_an_object_store_that_refuses_is_503_not_500(live_service, s3_endpoint):
+    """The bucket is deleted under a running API: S3 answers NoSuchBucket, which is the
+    deployment's problem (503 naming it), not the client's and not a bug."""
+    from tests.servers import s3_client
+
+    svc = live_service("servers", workers=0)
+    bucket = svc.settings.store_url.split("/")[2]
+    with make_sessionmaker(make_engine(svc.settings.database_url))() as session:
+        session.add(Job(id="withlog", kind="train", status="failed", params={}, owner_id=svc.admin_id))
+        session.commit()
+    client = s3_client(s3_endpoint)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=bucket, Key=obj["Key"])
+    client.delete_bucket(Bucket=bucket)
+    r = svc.client.get("/v1/jobs/withlog/log")
+    assert r.status_code == 503, r.text
+    assert "NoSuchBucket" in r.json()["detail"] and r.headers["retry-after"]

@@ -94,8 +94,9 @@ def test_no_transaction_stays_open_while_a_job_trains(live_service, synthetic_ro
     svc = live_service("servers", workers=1)
     dataset = svc.client.post("/v1/datasets", json={
         "name": "tiny3", "format": "synthetic", "location": dataset_location(svc, "servers", synthetic_root)}).json()
-    job = svc.client.post("/v1/jobs", json={**QUICK_EPOCHS, "dataset_id": dataset["id"], "epochs": 200}).json()
-    svc.wait_job(job["id"], timeout=120, until=lambda j: (j["progress"] or {}).get("phase") == "train")
+    job = svc.client.post("/v1/jobs", json={**QUICK_EPOCHS, "dataset_id": dataset["id"], "epochs": 1000}).json()
+    svc.wait_job(job["id"], timeout=120, until=lambda j: j["status"] == "running"
+                 and (j["progress"] or {}).get("phase") in ("train", "epoch"))
     url = sa.engine.make_url(svc.settings.database_url)
     engine = sa.create_engine(url.set(database="postgres"))
     idle = []

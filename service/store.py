@@ -38,10 +38,12 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "the S3 server cannot be reached" (not "the request is wrong")."""
     try:
         from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, \
-            ReadTimeoutError
+            ReadTimeoutError, ResponseStreamingError
     except ImportError:  # boto3 not installed: only the file store
         return ()
-    return (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)
+    # ResponseStreamingError: the connection broke while a response body was being read.
+    return (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError,
+            ResponseStreamingError)
 
 
 StoreUnavailable = _unavailable_errors()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from botocore.exceptions import EndpointConnectionError
+from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
 from sqlalchemy import exc as sa_exc
 
 from robustact.service.backends import is_outage, retrying
@@ -16,6 +16,7 @@ def _operational() -> sa_exc.OperationalError:
 def test_outages_are_connection_failures_not_bad_data():
     assert is_outage(_operational())
     assert is_outage(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert is_outage(ResponseStreamingError(error="Connection broken: IncompleteRead(0 bytes read)"))
     assert is_outage(sa_exc.TimeoutError("no free connection"))
     assert not is_outage(sa_exc.IntegrityError("INSERT", {}, ValueError("duplicate key")))
     assert not is_outage(sa_exc.DataError("INSERT", {}, ValueError("invalid input syntax for type json")))

@@ -569,7 +569,7 @@ class TcpProxy:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
-        except OSError:
+        except OSError:  # cut() closed the sockets, or a side went away: the pump ends
             pass
         finally:
             _close(src)
@@ -582,6 +582,6 @@ class TcpProxy:
 def _close(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
+    except OSError:  # not connected (any more): closing is all there is to do
         pass
     sock.close()

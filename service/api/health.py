@@ -37,7 +37,7 @@ def _check_broker(request: Request) -> str:
 
 
 class NotEnoughWorkers(RuntimeError):
-    pass
+    """Fewer workers heartbeating than ``ready_min_workers``."""
 
 
 def _check_workers(request: Request) -> str:

@@ -1,5 +1,6 @@
 """Sharded evaluation over Celery: one evaluation of a tiny-preset model, unsharded on one
-worker process, then in 4 shards on two worker processes, each worker with one torch
+worker process, then in 2 shards (taking units, an attack on one batch of clips, from a
+queue) on two worker processes, each worker with one torch
 thread, on the same machine, side by side in one run.
 
 Embedded backends (SQLite, file store, kombu's SQLAlchemy broker) in a temp directory; the
@@ -68,8 +69,8 @@ def main() -> None:
                         help="synthetic subjects (3, 6, 7, 10, 11, 12 are X-Sub test subjects)")
     parser.add_argument("--classes", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (only clean-correct clips are attacked)")
-    parser.add_argument("--shards", type=int, default=4, help="shards of the 2-worker run (queued: a worker that "
-                        "finishes early takes the next, which evens out unequal shards)")
+    parser.add_argument("--shards", type=int, default=2, help="shards of the 2-worker run (one per worker: shards "
+                        "take units of work from a queue, so a shard that finishes early takes more)")
     args = parser.parse_args()
 
     import uvicorn
@@ -136,16 +137,11 @@ def main() -> None:
         for shard in sorted(shards, key=lambda j: j["params"]["shard"]):
             t = shard["timings"]
             print(f"  shard {shard['params']['shard'] + 1} on {shard['worker']}: waited {t['queued_seconds']:.1f} s, "
-                  f"ran {t['running_seconds']:.1f} s")
+                  f"ran {t['running_seconds']:.1f} s, {shard['progress']['units_done']} of "
+                  f"{shard['progress']['units']} units")
         print(f"  unsharded job ran {one['timings']['running_seconds']:.1f} s; sharded evaluation from first start "
               f"to merged report {two['timings']['running_seconds']:.1f} s")
         a, b = table(one), table(two)
-        from robustact.service.shards import shard_positions
-
-        correct = [a["label"][i] == a["clean_pred"][i] for i in range(len(a["clip"]))]  # rows sorted by clip id
-        for k in range(args.shards):
-            rows = shard_positions(len(correct), k, args.shards)
-            print(f"  shard {k + 1}: {len(rows)} clips, {sum(correct[i] for i in rows)} correct on clean input (attacked)")
         clips = len(a["clip"])
         equal = a == b
         differing = sum(x != y for field in ("outcome",) for row_a, row_b in zip(a[field], b[field])

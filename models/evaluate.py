@@ -315,7 +315,6 @@ def run_records(model, dataset, suite: Sequence[AttackConfig], *, batch_size: in
     ids = np.asarray(list(clip_ids) if clip_ids is not None else clip_identities(dataset), dtype=np.int64)
     if len(ids) != len(dataset):
         raise ValueError(f"{len(ids)} clip ids for {len(dataset)} clips")
-    chains = cascade_order(suite) if strategy == "worst-case" else [[i] for i in range(len(suite))]
     emit = progress or (lambda _: None)
     n, e = len(dataset), len(suite)
     stages = 1 + e + int(diagnostics)
@@ -337,6 +336,33 @@ def run_records(model, dataset, suite: Sequence[AttackConfig], *, batch_size: in
                   "steps": stages * 1000, "clean_accuracy": state["clean_accuracy"]})
         state["stage"] += 1
 
+    records = _clean_records(model, suite, ids, batches(np.arange(n), "clean"), state)
+    clean_ok = records.clean_correct
+    for group in attack_groups(suite, strategy):
+        _attack_chains(model, suite, group, strategy, seed, ids, np.flatnonzero(clean_ok), batches, records)
+    if diagnostics:
+        _unbounded_check(model, suite, seed, ids, np.flatnonzero(clean_ok), batches, records)
+    records.meta = {"seed": seed, "strategy": strategy, "diagnostics": diagnostics}
+    return records
+
+
+def attack_groups(suite: Sequence[AttackConfig], strategy: str) -> list[list[list[int]]]:
+    """The suite as groups of chains that depend on nothing outside their group: ``full``
+    runs each entry on its own; ``worst-case`` cascades within a budget (the R and S
+    chains, then RS on what both left standing), so a budget's chains are one group."""
+    if strategy != "worst-case":
+        return [[[i]] for i in range(len(suite))]
+    groups: dict[tuple, list[list[int]]] = {}
+    for chain in cascade_order(suite):
+        first = suite[chain[0]]
+        groups.setdefault((first.eps_rgb, first.eps_skel), []).append(chain)
+    return list(groups.values())
+
+
+def _clean_records(model, suite, ids: np.ndarray, batches, state: dict | None = None) -> ClipRecords:
+    """The clean pass over every clip: a table with the clean columns filled and every
+    outcome "not attacked" (-1) until attacks fill it."""
+    n, e = len(ids), len(suite)
     label = np.zeros(n, dtype=np.int64)
     clean_pred = np.zeros(n, dtype=np.int64)
     grad_zero_rgb = np.zeros(n, dtype=np.int8)
@@ -344,8 +370,9 @@ def run_records(model, dataset, suite: Sequence[AttackConfig], *, batch_size: in
     unstable = np.zeros(n, dtype=np.int8)
     probabilities = np.zeros(n, dtype=np.int8)
     seen = correct = 0
+    state = state if state is not None else {}
     state["clean_accuracy"] = 0.0
-    for positions, rgb, skel, labels in batches(np.arange(n), "clean"):
+    for positions, rgb, skel, labels in batches:
         logits, gz_rgb, gz_skel, flips, probs = _clean_pass(model, rgb, skel, labels)
         label[positions] = labels.cpu().numpy()
         clean_pred[positions] = logits.argmax(1).cpu().numpy()
@@ -354,45 +381,140 @@ def run_records(model, dataset, suite: Sequence[AttackConfig], *, batch_size: in
         seen += len(positions)
         correct += int((clean_pred[positions] == label[positions]).sum())
         state["clean_accuracy"] = 100.0 * correct / seen
-    clean_ok = clean_pred == label
+    return ClipRecords([c.to_dict() for c in suite], np.asarray(ids, dtype=np.int64), label, clean_pred,
+                       np.full((n, e), CLEAN_WRONG, dtype=np.int8), np.full((n, e), -1, dtype=np.int32),
+                       np.full((n, e), -1, dtype=np.int16), grad_zero_rgb, grad_zero_skel,
+                       np.full(n, -1, dtype=np.int8), unstable, probabilities)
 
-    outcome = np.full((n, e), CLEAN_WRONG, dtype=np.int8)
-    iterate = np.full((n, e), -1, dtype=np.int32)
-    restart = np.full((n, e), -1, dtype=np.int16)
+
+def _attack_chains(model, suite, chains: list[list[int]], strategy: str, seed: int, ids: np.ndarray,
+                   rows: np.ndarray, batches, records: ClipRecords) -> None:
+    """Run ``chains`` (one group of ``attack_groups``) on the clean-correct clips at
+    positions ``rows``, writing their outcome, iterate and restart into ``records``."""
+    n = len(records.clip)
+    attacked = np.zeros(n, dtype=bool)
+    attacked[rows] = True
     no_break = np.zeros(n, dtype=bool)
     broken_in: dict[tuple, np.ndarray] = {}  # (budget, mode) -> clips broken so far
     for chain in chains:
         first = suite[chain[0]]
         budget = (first.eps_rgb, first.eps_skel)
-        standing = clean_ok.copy()
+        standing = attacked.copy()
         if first.mode == "RS" and strategy == "worst-case":
             standing &= ~broken_in.get((budget, "R"), no_break) & ~broken_in.get((budget, "S"), no_break)
         for index in chain:
             cfg = suite[index]
-            outcome[clean_ok & ~standing, index] = SKIPPED
+            records.outcome[attacked & ~standing, index] = SKIPPED
             hit = np.zeros(n, dtype=bool)
             for positions, rgb, skel, labels in batches(np.flatnonzero(standing), cfg.label):
                 result = run_attack(model, rgb, skel, labels, cfg, seed=seed, clip_ids=ids[positions].tolist())
                 broke = result.broken.cpu().numpy()
-                outcome[positions, index] = broke.astype(np.int8)
-                iterate[positions, index] = result.iterate.cpu().numpy()
-                restart[positions, index] = result.restart.cpu().numpy()
+                records.outcome[positions, index] = broke.astype(np.int8)
+                records.iterate[positions, index] = result.iterate.cpu().numpy()
+                records.restart[positions, index] = result.restart.cpu().numpy()
                 hit[positions[broke]] = True
             key = (budget, cfg.mode)
             broken_in[key] = broken_in.get(key, no_break) | hit
             if strategy == "worst-case":
                 standing &= ~hit
-    unbounded = np.full(n, -1, dtype=np.int8)
-    if diagnostics:
-        check = AttackConfig(**{**UNBOUNDED.to_dict(),
-                                "perturb_absent_bodies": bool(suite and suite[0].perturb_absent_bodies)})
-        for positions, rgb, skel, labels in batches(np.flatnonzero(clean_ok), "unbounded check"):
-            result = run_attack(model, rgb, skel, labels, check, seed=seed, clip_ids=ids[positions].tolist())
-            unbounded[positions] = result.broken.cpu().numpy().astype(np.int8)
-    records = ClipRecords([c.to_dict() for c in suite], ids, label, clean_pred, outcome, iterate, restart,
-                          grad_zero_rgb, grad_zero_skel, unbounded, unstable, probabilities)
-    records.meta = {"seed": seed, "strategy": strategy, "diagnostics": diagnostics}
-    return records
+
+
+def _unbounded_check(model, suite, seed: int, ids: np.ndarray, rows: np.ndarray, batches,
+                     records: ClipRecords) -> None:
+    check = AttackConfig(**{**UNBOUNDED.to_dict(),
+                            "perturb_absent_bodies": bool(suite and suite[0].perturb_absent_bodies)})
+    for positions, rgb, skel, labels in batches(rows, "unbounded check"):
+        result = run_attack(model, rgb, skel, labels, check, seed=seed, clip_ids=ids[positions].tolist())
+        records.unbounded[positions] = result.broken.cpu().numpy().astype(np.int8)
+
+
+# ------------------------------------------------------------------------------ in units
+#
+# A sharded evaluation runs the same computation as ``run_records`` cut into units that any
+# worker can take: first the clean pass (``clean_records``), then one unit per (group of
+# ``attack_groups``, batch of the clean-correct clips) and, with diagnostics, one unbounded
+# check per batch (``plan_units``, ``run_unit``); ``apply_unit`` writes a unit's result into
+# the clean table. Under strategy ``full`` every unit is exactly a batch the unsharded run
+# attacks (same clips, same order), so the tables are identical; under ``worst-case`` the
+# survivors of a cascade are re-batched within the unit rather than across the set, which
+# can only change rounding.
+
+UNBOUNDED_GROUP = -1
+
+
+def _plain_batches(dataset, batch_size: int, should_stop, device, num_workers: int = 0):
+    device = resolve_device(device)
+
+    def batches(rows: np.ndarray, label: str):
+        loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers)
+        done = 0
+        for rgb, skel, labels in loader:
+            if should_stop is not None and should_stop():
+                raise EvaluationCancelled(f"stopped during {label}")
+            positions = rows[done:done + len(labels)]
+            done += len(labels)
+            yield positions, rgb.to(device), skel.to(device), labels.to(device)
+    return batches
+
+
+def clean_records(model, dataset, suite: Sequence[AttackConfig], *, batch_size: int = 16, device: str | None = None,
+                  clip_ids: Sequence[int] | None = None, should_stop: Callable[[], bool] | None = None,
+                  num_workers: int = 0) -> ClipRecords:
+    """The clean pass of ``run_records`` alone (the first stage of a sharded evaluation)."""
+    model = model.to(resolve_device(device)).eval()
+    ids = np.asarray(list(clip_ids) if clip_ids is not None else clip_identities(dataset), dtype=np.int64)
+    batches = _plain_batches(dataset, batch_size, should_stop, device, num_workers)
+    return _clean_records(model, suite, ids, batches(np.arange(len(dataset)), "clean"))
+
+
+def plan_units(records: ClipRecords, suite: Sequence[AttackConfig], strategy: str, diagnostics: bool,
+               batch_size: int) -> list[tuple[int, list[int]]]:
+    """The units after the clean pass ``records``: (group index, or ``UNBOUNDED_GROUP``,
+    positions of a batch of clean-correct clips)."""
+    rows = np.flatnonzero(records.clean_correct)
+    chunks = [rows[i:i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
+    groups = list(range(len(attack_groups(suite, strategy)))) + ([UNBOUNDED_GROUP] if diagnostics else [])
+    return [(g, chunk) for g in groups for chunk in chunks]
+
+
+def run_unit(model, dataset, suite: Sequence[AttackConfig], unit: tuple[int, list[int]], *, strategy: str,
+             seed: int, clip_ids: Sequence[int], batch_size: int = 16, device: str | None = None,
+             should_stop: Callable[[], bool] | None = None, num_workers: int = 0) -> dict[str, np.ndarray]:
+    """One unit of ``plan_units`` on ``dataset`` (every clip of the evaluation, in order):
+    arrays to pass to ``apply_unit``."""
+    group, rows = unit
+    suite = list(suite)
+    model = model.to(resolve_device(device)).eval()
+    ids = np.asarray(list(clip_ids), dtype=np.int64)
+    positions = np.asarray(rows, dtype=np.int64)
+    batches = _plain_batches(dataset, batch_size, should_stop, device, num_workers)
+    n, e = len(ids), len(suite)
+    table = ClipRecords([c.to_dict() for c in suite], ids, np.zeros(n, np.int64), np.zeros(n, np.int64),
+                        np.full((n, e), CLEAN_WRONG, np.int8), np.full((n, e), -1, np.int32),
+                        np.full((n, e), -1, np.int16), np.zeros(n, np.int8), np.zeros(n, np.int8),
+                        np.full(n, -1, np.int8), np.zeros(n, np.int8), np.zeros(n, np.int8))
+    if group == UNBOUNDED_GROUP:
+        _unbounded_check(model, suite, seed, ids, positions, batches, table)
+        return {"group": np.array(group), "rows": positions, "unbounded": table.unbounded[positions]}
+    chains = attack_groups(suite, strategy)[group]
+    _attack_chains(model, suite, chains, strategy, seed, ids, positions, batches, table)
+    entries = np.asarray(sorted(i for chain in chains for i in chain), dtype=np.int64)
+    return {"group": np.array(group), "rows": positions, "entries": entries,
+            "outcome": table.outcome[np.ix_(positions, entries)], "iterate": table.iterate[np.ix_(positions, entries)],
+            "restart": table.restart[np.ix_(positions, entries)]}
+
+
+def apply_unit(records: ClipRecords, unit: dict[str, np.ndarray]) -> None:
+    """Write the result of a unit (``run_unit``) into the clean table ``records``."""
+    rows = np.asarray(unit["rows"], dtype=np.int64)
+    if int(unit["group"]) == UNBOUNDED_GROUP:
+        records.unbounded[rows] = unit["unbounded"]
+        return
+    where = np.ix_(rows, np.asarray(unit["entries"], dtype=np.int64))
+    records.outcome[where] = unit["outcome"]
+    records.iterate[where] = unit["iterate"]
+    records.restart[where] = unit["restart"]
 
 
 def evaluate(model, meta: dict[str, Any], dataset, suite: list[AttackConfig], *, batch_size: int = 16,

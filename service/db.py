@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint, create_engine, event, text
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint, create_engine, event, false, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -173,6 +173,23 @@ class Job(Base):
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", name="fk_jobs_parent_id_jobs"), index=True)
     shard_index: Mapped[int | None] = mapped_column(Integer)
     shard_count: Mapped[int | None] = mapped_column(Integer)
+
+
+class JobUnit(Base):
+    """One unit of a sharded job's work (``spec``: what to do, e.g. an attack group on a
+    batch of clips): the queue its shards take work from. ``shard_id`` is the shard that
+    took it (NULL: nobody yet); a shard keeps its units across attempts, so a shard whose
+    worker died resumes the unit it held. ``done`` once its result is in the store. Unit
+    -1 is the plan's own record (``spec``: where the first stage's result is)."""
+
+    __tablename__ = "job_units"
+
+    parent_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", name="fk_job_units_parent_id_jobs"),
+                                           primary_key=True)
+    unit: Mapped[int] = mapped_column(Integer, primary_key=True)
+    shard_id: Mapped[str | None] = mapped_column(String(32))
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    done: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Worker(Base):

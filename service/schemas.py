@@ -227,9 +227,10 @@ class EvaluateJobCreate(RequestBody):
                           "budget and mode, cheapest attack first on the clips still standing (same worst case, "
                           "cheaper). Default: worst-case for autoattack, full otherwise")
     diagnostics: bool = Field(True, description="gradient-masking checks (zero gradients, unbounded attack, ...)")
-    shards: int | None = Field(None, ge=1, le=64, description="split the clips into this many shard jobs that any "
-                               "worker can take, merged into one report (identical to an unsharded run). Default: one "
-                               "shard per 500 clips, 1 for small sets")
+    shards: int | None = Field(None, ge=1, le=64, description="run the evaluation as this many shard jobs, which "
+                               "any worker can take and which take units (an attack on a batch of clips) from a queue until none is left; "
+                               "merged into one report (the per-clip results of an unsharded run). About as many as "
+                               "the workers you want on it. Default: one per 500 clips, 1 for small sets")
 
     @model_validator(mode="after")
     def _suite_size(self) -> "EvaluateJobCreate":
@@ -283,7 +284,8 @@ class ShardPublic(BaseModel):
     status: JobStatus
     attempts: int
     worker: str | None
-    fraction: float = Field(description="share of its clips done, 0..1")
+    fraction: float = Field(description="share of the evaluation's units this shard has done, 0..1 (shards take "
+                            "units from a queue; the evaluation's fraction is the sum)")
     error: str | None
 
 

@@ -55,9 +55,6 @@ class Settings(BaseSettings):
     # send, or the broker was down) is sent again by the reaper after this long (seconds); so
     # are queued jobs whose messages the broker lost (it holds fewer than there are jobs).
     outbox_grace_s: float = 60.0
-    # A shard of a sharded evaluation saves its per-clip records every this many clips: a
-    # shard whose worker died resumes after its last saved chunk.
-    shard_chunk_clips: int = 64
     # /readyz answers 503 unless this many workers were seen alive within the heartbeat
     # timeout (0: an API deployed without workers of its own can be ready alone).
     ready_min_workers: int = 1

@@ -1,20 +1,33 @@
-"""Sharded evaluations (issue 10): one evaluation job, N shard jobs, one merge.
+"""Sharded evaluations (issue 10): one evaluation job, N shard jobs taking units of work
+from a queue, one merge.
 
-An evaluation job with ``shard_count`` = N > 1 is a *parent*: it is never sent to the
-broker itself. N jobs of kind ``shard`` (``parent_id``, ``shard_index``) are, and any worker
-takes any of them: shard i attacks its share of a fixed pseudo-random partition of the evaluated clips (``shard_positions``) and
-writes its per-clip records to the store in chunks of ``shard_chunk_clips`` clips, so a shard
-whose worker died resumes after its last saved chunk, not from zero. Shards are ordinary
-jobs for claiming, heartbeats, reaping, retries and logs.
+An evaluation with ``shard_count`` = N > 1 is a *parent*: it is never sent to the broker
+itself. N jobs of kind ``shard`` (``parent_id``, ``shard_index``) are, and any worker takes
+any of them. The computation is ``models.evaluate.run_records`` cut into units:
+
+1. The first stage, the clean pass over every clip, is run by each shard that starts
+   before a plan exists. The first to finish saves its clean table to the store and
+   records the plan (:func:`make_plan`): one row of ``job_units`` per unit (an attack
+   group on one batch of the clean-correct clips, or the unbounded check on one), all in
+   one transaction. The others find that plan and use it (their clean pass is dropped), so
+   every shard works from one table; no shard ever waits for another.
+2. Each shard then takes the next free unit (:func:`take_unit`, a conditional update, so
+   two shards never take the same one) and saves its result to the store, until none is
+   left. A shard that finishes early takes the work others have not started, so the
+   shards end within one unit of each other however unequal the units' costs are (a
+   robust clip costs every step of every restart). Under strategy ``full`` a unit is
+   exactly a batch the unsharded run attacks, so the result is identical to it.
+
+A shard keeps the units it took across attempts: after its worker died it resumes the unit
+it held, and the units it finished (result in the store, ``done``) are never redone. Shards
+are ordinary jobs for claiming, heartbeats, reaping, retries and logs.
 
 The parent goes ``queued`` → ``running`` when its first shard starts. When every shard has
-succeeded, :func:`settle` sends one merge task, which concatenates the shards' records
-(``ClipRecords.concat``) and writes the report, exactly as an unsharded evaluation would
-have (a clip's random start depends on its id, never on its batch or shard). A shard that
-failed for good fails the parent and cancels its siblings. :func:`settle` runs after every
-shard, and in every housekeeping pass (``service.reaper``), so a lost merge message or a
-merge whose worker died is sent again once the parent's heartbeat is older than the
-heartbeat timeout.
+succeeded, :func:`settle` sends one merge task, which applies every unit to the clean table
+and writes the report. A shard that failed for good fails the parent and cancels its
+siblings. :func:`settle` runs after every shard, and in every housekeeping pass
+(``service.reaper``), so a lost merge message or a merge whose worker died is sent again
+once the parent's heartbeat is older than the heartbeat timeout.
 """
 
 from __future__ import annotations
@@ -24,10 +37,11 @@ import logging
 from typing import Callable
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from robustact.service.db import Job, new_id, utcnow
+from robustact.service.db import Job, JobUnit, new_id, utcnow
 
 log = logging.getLogger("robustact.shards")
 
@@ -41,21 +55,91 @@ def auto_shards(clips: int) -> int:
 
 
 def shard_positions(clips: int, index: int, count: int) -> list[int]:
-    """Positions (sorted) of shard ``index`` of ``count`` over ``clips`` clips: a fixed
-    pseudo-random partition (seed 0, the same on every machine and for every evaluation of
-    that many clips). Neither contiguous slices nor every N-th clip: neighbouring clips
-    share a subject, camera or class, and with them whether they are classified correctly
-    (only those are attacked), so either would give the shards unequal work."""
+    """Positions (sorted) of shard ``index`` of ``count`` over ``clips`` clips, for shards
+    run by hand (``robustact evaluate --shard I/N``, one machine each, then ``robustact
+    merge``): a fixed pseudo-random partition (seed 0). Neither contiguous slices nor every
+    N-th clip: neighbouring clips share a subject, camera or class, and with them whether
+    they are classified correctly (only those are attacked), so either would give the
+    shards unequal work."""
     order = np.random.default_rng(0).permutation(clips)
     return sorted(int(p) for p in order[index::count])
 
 
-def chunk_prefix(shard_id: str) -> str:
-    return f"jobs/{shard_id}/records"
+
+PLAN = -1  # the unit row that records the plan: whose first stage is the one used
 
 
-def chunk_key(shard_id: str, chunk: int) -> str:
-    return f"{chunk_prefix(shard_id)}/chunk-{chunk:05d}.npz"
+def unit_prefix(parent_id: str) -> str:
+    return f"jobs/{parent_id}/units"
+
+
+def unit_key(parent_id: str, unit: int) -> str:
+    return f"{unit_prefix(parent_id)}/unit-{unit:06d}.npz"
+
+
+def first_stage_key(parent_id: str, shard_id: str) -> str:
+    return f"jobs/{parent_id}/first-stage-{shard_id}.npz"
+
+
+def read_plan(session: Session, parent_id: str) -> dict | None:
+    """The plan of ``parent_id`` (``{"shard": ..., "key": ..., "units": N}``) once a shard
+    has made it, else None."""
+    row = session.get(JobUnit, (parent_id, PLAN), populate_existing=True)
+    return dict(row.spec) if row is not None else None
+
+
+def make_plan(session: Session, parent_id: str, shard_id: str, key: str, units: list[dict]) -> dict:
+    """Record the plan of ``parent_id``, made by shard ``shard_id`` from the first stage
+    it saved at ``key``: the plan row and every unit, in one transaction. A shard that
+    loses the race (another plan was recorded first) gets that plan back and uses it."""
+    plan = {"shard": shard_id, "key": key, "units": len(units)}
+    try:
+        session.add(JobUnit(parent_id=parent_id, unit=PLAN, shard_id=shard_id, spec=plan, done=True))
+        session.flush()
+        session.add_all([JobUnit(parent_id=parent_id, unit=k, shard_id=None, spec=spec, done=False)
+                         for k, spec in enumerate(units)])
+        session.commit()
+        return plan
+    except IntegrityError:
+        session.rollback()
+    found = read_plan(session, parent_id)
+    if found is None:
+        raise RuntimeError(f"job {parent_id}: no plan recorded, yet recording one conflicted")
+    return found
+
+
+def take_unit(session: Session, parent_id: str, shard_id: str) -> tuple[int, dict] | None:
+    """The next unit for shard ``shard_id`` and its spec: one it took before and has not
+    finished (it resumes after a lost worker), else the lowest free one, taken by a
+    conditional update; None when every unit is taken."""
+    mine = session.scalar(select(func.min(JobUnit.unit)).where(
+        JobUnit.parent_id == parent_id, JobUnit.shard_id == shard_id, JobUnit.done.is_(False)))
+    while mine is None:
+        free = session.scalar(select(func.min(JobUnit.unit)).where(
+            JobUnit.parent_id == parent_id, JobUnit.shard_id.is_(None)))
+        if free is None:
+            return None
+        result = session.execute(update(JobUnit).where(
+            JobUnit.parent_id == parent_id, JobUnit.unit == free, JobUnit.shard_id.is_(None)).values(
+            shard_id=shard_id))
+        session.commit()
+        if result.rowcount == 1:
+            mine = free
+    spec = session.scalar(select(JobUnit.spec).where(JobUnit.parent_id == parent_id, JobUnit.unit == mine))
+    return mine, dict(spec)
+
+
+def finish_unit(session: Session, parent_id: str, unit: int, shard_id: str) -> None:
+    session.execute(update(JobUnit).where(JobUnit.parent_id == parent_id, JobUnit.unit == unit,
+                                           JobUnit.shard_id == shard_id).values(done=True))
+    session.commit()
+
+
+def units_done_by(session: Session, parent_id: str, shard_id: str) -> list[int]:
+    """The units shard ``shard_id`` finished (in earlier attempts too)."""
+    return list(session.scalars(select(JobUnit.unit).where(
+        JobUnit.parent_id == parent_id, JobUnit.shard_id == shard_id, JobUnit.done.is_(True),
+        JobUnit.unit != PLAN)).all())
 
 
 def make_shards(parent: Job) -> list[Job]:
@@ -93,7 +177,7 @@ def cancel_parent(session: Session, parent: Job) -> None:
 
 def retry_parent(session: Session, parent: Job) -> list[Job]:
     """Queue a failed or cancelled sharded evaluation again: the shards that had not
-    succeeded run again (each with a fresh attempt budget; saved chunks are kept), the ones
+    succeeded run again (each with a fresh attempt budget; saved units are kept), the ones
     that succeeded are not redone. Returns the shards to send (none: only the merge is
     left, :func:`settle` sends it)."""
     now = utcnow()

@@ -167,6 +167,37 @@ def test_a_clip_result_does_not_depend_on_its_batch():
     assert torch.allclose(a.rgb[3], b.rgb[0], atol=1e-6) and not torch.allclose(a.rgb, c.rgb)
 
 
+@pytest.mark.parametrize("strategy", ["full", "worst-case"])
+def test_units_in_any_order_rebuild_the_unsharded_table(strategy):
+    """A sharded evaluation: the clean pass, then (group, batch) units run in any order,
+    each on its own (as different workers would), applied to the clean table, give the
+    table ``run_records`` gives. Under ``full`` each unit is a batch of the unsharded run,
+    so every array is identical."""
+    from robustact.models.evaluate import UNBOUNDED_GROUP, apply_unit, attack_groups, clean_records, plan_units, run_unit
+
+    model, rgb, skel, labels = tiny_model_and_clips(1, 5, clips=9, classes=3)
+    labels = labels.clone()
+    labels[[1, 4]] = (labels[[1, 4]] + 1) % 3  # two clips wrong on clean input: never attacked
+    data = torch.utils.data.TensorDataset(rgb, skel, labels)
+    suite = build_suite(["pgd3", "square20"], modes=["R", "S", "RS"], eps=[0.5])
+    whole = run_records(model, data, suite, batch_size=2, seed=7, strategy=strategy)
+    table = clean_records(model, data, suite, batch_size=2, clip_ids=range(9))
+    units = plan_units(table, suite, strategy, True, batch_size=2)
+    groups = len(attack_groups(suite, strategy))
+    assert groups == (1 if strategy == "worst-case" else 6)
+    attacked = int(whole.clean_correct.sum())
+    assert attacked == 7 and len(units) == (groups + 1) * -(-attacked // 2)
+    assert sum(g == UNBOUNDED_GROUP for g, _ in units) == -(-attacked // 2)
+    for unit in reversed(units):
+        apply_unit(table, run_unit(model, data, suite, unit, strategy=strategy, seed=7, clip_ids=range(9),
+                                   batch_size=2))
+    for key in ClipRecords.ARRAYS:
+        assert np.array_equal(getattr(table, key), getattr(whole, key)), key
+    assert (whole.outcome == BROKEN).any() and (whole.outcome == SURVIVED).any()
+    if strategy == "worst-case":
+        assert (whole.outcome == SKIPPED).any()
+
+
 def test_dataloader_workers_do_not_change_a_result():
     model, rgb, skel, labels = tiny_model_and_clips(2, 6, clips=6, classes=3)
     data = torch.utils.data.TensorDataset(rgb, skel, labels)

@@ -582,50 +582,98 @@ def _settle_parent(ctx: Context, parent_id: str) -> None:
         log.exception("evaluation %s: could not be settled after its shard", parent_id)
 
 
-def _shard_body(ctx: Context, job: Job, run: JobRun) -> None:
+def _save_npz(arrays: dict) -> bytes:
     import numpy as np
-    from torch.utils.data import Subset
 
-    from robustact.models.evaluate import clip_identities, run_records
-    from robustact.service.shards import chunk_key, chunk_prefix, shard_positions, start_parent
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _load_npz(data: bytes) -> dict:
+    import numpy as np
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _shard_body(ctx: Context, job: Job, run: JobRun) -> None:
+    from robustact.models.evaluate import clean_records, clip_identities, plan_units, run_unit
+    from robustact.service.shards import (unit_key, units_done_by, finish_unit, first_stage_key, make_plan,
+                                          read_plan, start_parent, take_unit)
 
     parent = ctx.read(Job, job.parent_id)
-
-    def started() -> None:
-        with ctx.sessions() as session:
-            start_parent(session, parent.id)
-
-    ctx.patient(f"job {job.id}: start evaluation {parent.id}", started)
     params = parent.params
     _model_row, _dataset, model, _meta, data, suite = _evaluation_inputs(ctx, parent, run)
-    ids = np.asarray(clip_identities(data), dtype=np.int64)
-    rows = np.asarray(shard_positions(len(data), job.shard_index, parent.shard_count), dtype=np.int64)
-    size = max(1, ctx.settings.shard_chunk_clips)
-    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
-    saved = set(ctx.patient(f"job {job.id}: list saved chunks", lambda: ctx.store.list(chunk_prefix(job.id))))
-    log.info("job %s: shard %d of %d, %d of %d clips in %d chunk(s), %d already saved", job.id,
-             job.shard_index + 1, parent.shard_count, len(rows), len(data), len(chunks),
-             sum(chunk_key(job.id, k) in saved for k in range(len(chunks))))
-    for k, chunk in enumerate(chunks):
-        key = chunk_key(job.id, k)
-        if key in saved:
-            continue
+    ids = clip_identities(data)
+    strategy, device = params.get("strategy", "full"), device_name(ctx.settings)
 
-        def progress(info: dict, k: int = k) -> None:
-            inner = info.get("step", 0) / max(info.get("steps", 1), 1)
-            run.progress({**info, "phase": "evaluate", "chunk": k + 1, "chunks": len(chunks),
-                          "step": int(1000 * (k + inner)), "steps": 1000 * len(chunks)})
+    def started() -> tuple[dict | None, list[int]]:
+        with ctx.sessions() as session:
+            start_parent(session, parent.id)
+            return read_plan(session, parent.id), units_done_by(session, parent.id, job.id)
 
-        records = run_records(model, Subset(data, chunk.tolist()), suite, batch_size=params["batch_size"],
-                              seed=params["seed"], strategy=params.get("strategy", "full"),
-                              diagnostics=params.get("diagnostics", True), device=device_name(ctx.settings),
-                              progress=progress, should_stop=run.should_stop, clip_ids=ids[chunk].tolist())
+    plan, done = ctx.patient(f"job {job.id}: start evaluation {parent.id}", started)
+    log.info("job %s: shard %d of %d of evaluation %s (%d clips)", job.id, job.shard_index + 1, parent.shard_count,
+             parent.id, len(data))
+    if plan is None:  # the first stage: the clean pass
+        run.progress({"phase": "clean"})
+        table = clean_records(model, data, suite, batch_size=params["batch_size"], device=device, clip_ids=ids,
+                              should_stop=run.should_stop)
+        units = [{"group": g, "rows": rows} for g, rows in plan_units(
+            table, suite, strategy, params.get("diagnostics", True), params["batch_size"])]
+        key = first_stage_key(parent.id, job.id)
         buffer = io.BytesIO()
-        records.save(buffer)
-        ctx.patient(f"job {job.id}: save chunk {k + 1}", lambda: ctx.store.put_bytes(key, buffer.getvalue()))
-        log.info("job %s: chunk %d of %d saved (%d clips)", job.id, k + 1, len(chunks), len(chunk))
+        table.save(buffer)
+        ctx.patient(f"job {job.id}: save its clean pass", lambda: ctx.store.put_bytes(key, buffer.getvalue()))
+
+        def record() -> dict:
+            with ctx.sessions() as session:
+                return make_plan(session, parent.id, job.id, key, units)
+
+        plan = ctx.patient(f"job {job.id}: record the plan", record)
+        if plan["shard"] == job.id:
+            log.info("job %s: clean pass done, %d of %d clips correct; planned %d units", job.id,
+                     int(table.clean_correct.sum()), len(data), len(units))
+        else:
+            log.info("job %s: shard %s recorded its plan first; using it", job.id, plan["shard"])
+            ctx.store.delete(key)
+    total = plan["units"]
+
+    def take():
+        with ctx.sessions() as session:
+            return take_unit(session, parent.id, job.id)
+
+    def finish(k: int) -> None:
+        with ctx.sessions() as session:
+            finish_unit(session, parent.id, k, job.id)
+
+    log.info("job %s: %d units in the plan, %d done by this shard before", job.id, total, len(done))
+    while (taken := ctx.patient(f"job {job.id}: take a unit", take)) is not None:
+        k, spec = taken
+        if run.should_stop():
+            from robustact.models.evaluate import EvaluationCancelled
+
+            raise EvaluationCancelled(f"stopped before unit {k + 1} of {total}")
+        key = unit_key(parent.id, k)
+        if ctx.patient(f"job {job.id}: look for unit {k + 1}", lambda: ctx.store.exists(key)):
+            log.info("job %s: unit %d was saved before this attempt", job.id, k + 1)  # the worker died after saving
+        else:
+            run.progress({"phase": "evaluate", "unit": k + 1, "units": total, "units_done": len(done),
+                          "step": len(done), "steps": total})
+            result = run_unit(model, data, suite, (spec["group"], spec["rows"]), strategy=strategy,
+                              seed=params["seed"], clip_ids=ids, batch_size=params["batch_size"], device=device,
+                              should_stop=run.should_stop)
+            body = _save_npz(result)
+            ctx.patient(f"job {job.id}: save unit {k + 1}", lambda: ctx.store.put_bytes(key, body))
+            log.info("job %s: unit %d of %d saved (group %d, %d clips)", job.id, k + 1, total, spec["group"],
+                     len(spec["rows"]))
+        ctx.patient(f"job {job.id}: mark unit {k + 1} done", lambda: finish(k))
+        done.append(k)
+    log.info("job %s: no unit left; this shard did %d of %d", job.id, len(done), total)
     _commit_success(ctx, job.id, run.attempt, lambda: [],
-                    progress={"phase": "done", "clips": len(rows), "chunks": len(chunks)}, cleanup=lambda: None)
+                    progress={"phase": "done", "units_done": len(done), "units": total, "step": len(done),
+                              "steps": total}, cleanup=lambda: None)
 
 
 @app.task(name=SHARD_TASK, acks_late=True, reject_on_worker_lost=True)
@@ -652,22 +700,29 @@ def claim_merge(sessions: sessionmaker[Session], job_id: str, worker: str) -> in
 
 def _merge_body(ctx: Context, job: Job, run: JobRun) -> None:
     from robustact.models.checkpoint import load_checkpoint, resolve_device
-    from robustact.models.evaluate import ClipRecords
+    from robustact.models.evaluate import ClipRecords, apply_unit
     from robustact.models.report import build_report
-    from robustact.service.shards import chunk_prefix, children
+    from robustact.service.shards import unit_prefix, read_plan
 
-    def shards() -> list[Job]:
+    def plan() -> dict | None:
         with ctx.sessions() as session:
-            return children(session, job.id)
+            return read_plan(session, job.id)
 
-    parts = []
-    for shard in ctx.patient(f"job {job.id}: read its shards", shards):
-        for key in ctx.patient(f"job {job.id}: list shard records", lambda: ctx.store.list(chunk_prefix(shard.id))):
-            data = ctx.patient(f"job {job.id}: read {key}", lambda: ctx.store.get_bytes(key))
-            parts.append(ClipRecords.load(io.BytesIO(data)))
-    records = ClipRecords.concat(parts)
+    recorded = ctx.patient(f"job {job.id}: read its plan", plan)
+    if recorded is None:
+        raise RuntimeError("every shard succeeded, yet no plan was recorded")
+    records = ClipRecords.load(io.BytesIO(ctx.patient(f"job {job.id}: read the clean pass",
+                                                      lambda: ctx.store.get_bytes(recorded["key"]))))
+    prefix = unit_prefix(job.id)
+    keys = sorted(ctx.patient(f"job {job.id}: list its units", lambda: ctx.store.list(prefix)))
+    if len(keys) != recorded["units"]:
+        raise RuntimeError(f"{len(keys)} unit results in the store, the plan has {recorded['units']}")
+    for key in keys:
+        apply_unit(records, _load_npz(ctx.patient(f"job {job.id}: read {key}", lambda: ctx.store.get_bytes(key))))
+    records.meta = {"seed": job.params["seed"], "strategy": job.params.get("strategy", "full"),
+                    "diagnostics": job.params.get("diagnostics", True)}
     if len(records.clip) != job.params["clips"]:
-        raise RuntimeError(f"the shards hold {len(records.clip)} clips, the evaluation has {job.params['clips']}")
+        raise RuntimeError(f"the clean pass holds {len(records.clip)} clips, the evaluation has {job.params['clips']}")
     params = job.params
     model_row = ctx.read(Model, job.model_id)
     dataset = ctx.read(Dataset, job.dataset_id)
@@ -681,11 +736,11 @@ def _merge_body(ctx: Context, job: Job, run: JobRun) -> None:
                                   "shards": job.shard_count}, seconds=seconds)
     log.info("job %s: merged %d shard(s), %d clips", job.id, job.shard_count, len(records.clip))
     _store_report(ctx, job, run, model_row, dataset, report, records)
-    for shard in shards():  # the merged table is in the report now
-        try:
-            ctx.store.delete_prefix(chunk_prefix(shard.id))
-        except Exception:
-            log.exception("job %s: the records of shard %s were left in the store", job.id, shard.id)
+    try:  # the merged table is in the report now
+        ctx.store.delete_prefix(prefix)
+        ctx.store.delete(recorded["key"])
+    except Exception:
+        log.exception("job %s: its unit results were left in the store", job.id)
 
 
 @app.task(name=MERGE_TASK, acks_late=True, reject_on_worker_lost=True)

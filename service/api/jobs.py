@@ -47,18 +47,21 @@ def _seconds(a, b) -> float | None:
 
 
 def _fraction(shard: Job) -> float:
-    if shard.status == "succeeded":
-        return 1.0
+    """The share of its evaluation's work that a shard has done: shards take units from a
+    queue, so a shard's share is not known in advance; the evaluation's fraction is the
+    sum over its shards."""
     progress = shard.progress or {}
-    if progress.get("phase") == "evaluate" and progress.get("steps"):
+    if progress.get("phase") in ("evaluate", "done") and progress.get("steps"):
         return min(1.0, max(0.0, progress.get("step", 0) / progress["steps"]))
     return 0.0
 
 
 def _shards_progress(shards: list[Job]) -> dict[str, Any]:
     counts = {status: sum(s.status == status for s in shards) for status in ("queued", "running", "succeeded")}
+    units = next((s.progress["units"] for s in shards if (s.progress or {}).get("units")), None)
+    done = sum((s.progress or {}).get("units_done", 0) for s in shards)
     return {"phase": "merge" if counts["succeeded"] == len(shards) else "shards", "shards": len(shards), **counts,
-            "fraction": sum(_fraction(s) for s in shards) / len(shards)}
+            "units": units, "units_done": done, "fraction": min(1.0, sum(_fraction(s) for s in shards))}
 
 
 def job_public(job: Job, model_id: str | None = None, report_id: str | None = None,

@@ -39,7 +39,7 @@ def test_upgrade_from_empty(empty_database):
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
             version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
         assert diff == []
-        assert version == "0006"
+        assert version == "0007"
     finally:
         engine.dispose()
 
@@ -74,7 +74,7 @@ def test_concurrent_starts_migrate_once(empty_database, tmp_path):
     engine = make_engine(empty_database)
     try:
         with engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0006"]
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0007"]
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == []
     finally:

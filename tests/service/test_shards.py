@@ -6,6 +6,7 @@ evaluation, and shards stay out of job lists and quotas."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -46,7 +47,7 @@ def _clips(svc, job) -> dict:
 
 @pytest.mark.parametrize("backend", ["embedded", "servers"])
 def test_sharded_equals_unsharded_on_two_workers(backend, live_service, synthetic_root):
-    svc = live_service(backend, workers=2, shard_chunk_clips=2)
+    svc = live_service(backend, workers=2)
     _dataset, model = _setup(svc, synthetic_root, backend)
     whole = svc.wait_job(_evaluate(svc, model, shards=1)["id"])
     assert whole["status"] == "succeeded" and whole["shards"] is None
@@ -82,7 +83,7 @@ def test_sharded_equals_unsharded_on_two_workers(backend, live_service, syntheti
 
 
 def test_cancel_stops_every_shard(live_service, synthetic_root):
-    svc = live_service("embedded", workers=2, shard_chunk_clips=1)
+    svc = live_service("embedded", workers=2)
     _dataset, model = _setup(svc, synthetic_root)
     job = _evaluate(svc, model, shards=3, attacks=["pgd100"])
     svc.wait_job(job["id"], until=lambda j: any(s["status"] == "running" for s in j["shards"]), timeout=60)
@@ -104,14 +105,15 @@ def test_cancel_stops_every_shard(live_service, synthetic_root):
 
 
 def test_a_killed_shard_resumes_from_its_saved_chunks(live_service, synthetic_root):
-    svc = live_service("embedded", workers=0, heartbeat_timeout_s=3.0, shard_chunk_clips=1)
+    svc = live_service("embedded", workers=0, heartbeat_timeout_s=3.0)
     first = svc.start_worker()
     svc.wait_workers(1)
     _dataset, model = _setup(svc, synthetic_root)
     job = _evaluate(svc, model, shards=2, attacks=["pgd100"])
-    # shard 1 (3 clips, 1 per chunk) saves a chunk, then its worker is killed
+    # one worker: the first shard plans, then takes the units one by one; it has saved a
+    # third of them when its worker is killed
     svc.wait_job(job["id"], timeout=120, until=lambda j: any(
-        s["status"] == "running" and s["fraction"] >= 0.34 for s in j["shards"]))
+        s["status"] == "running" and s["fraction"] >= 1 / 3 for s in j["shards"]))
     running = next(s for s in svc.client.get(f"/v1/jobs/{job['id']}").json()["shards"] if s["status"] == "running")
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
@@ -120,11 +122,37 @@ def test_a_killed_shard_resumes_from_its_saved_chunks(live_service, synthetic_ro
     assert done["status"] == "succeeded", (done, svc.worker_logs())
     shard = next(s for s in done["shards"] if s["id"] == running["id"])
     assert shard["attempts"] == 2
-    log = svc.client.get(f"/v1/jobs/{shard['id']}/log").text
-    second = log.split("----- attempt 2 -----")[1]
-    saved = int(second.split(" already saved")[0].rsplit(", ", 1)[1])
-    assert saved >= 1, second[:2000]  # it did not start from zero
-    assert second.count("saved (1 clips)") == 3 - saved
+    # (attempt 1's log is uploaded every few seconds: its last lines died with it)
+    second = svc.client.get(f"/v1/jobs/{shard['id']}/log").text.split("----- attempt 2 -----")[1]
+    total, before = map(int, re.search(r"(\d+) units in the plan, (\d+) done by this shard before", second).groups())
+    assert before >= total / 3, second[:2000]  # it did not start from zero
+    other = next(s for s in done["shards"] if s["id"] != shard["id"])
+    after = second + svc.client.get(f"/v1/jobs/{other['id']}/log").text
+    redone = re.findall(r"unit (\d+) of \d+ saved", after) + re.findall(r"unit (\d+) was saved before", after)
+    # the units done before the kill were not done again; the rest were, once each
+    assert len(redone) == len(set(redone)) == total - before, after[-3000:]
+    assert "planned" not in second  # the plan survived the kill
+    assert sum(s["fraction"] for s in done["shards"]) == pytest.approx(1.0)
+    assert len(_clips(svc, done)["clip"]) == 6
+
+
+def test_units_are_a_queue_each_taken_once(live_service, synthetic_root):
+    """Every unit is taken by exactly one shard (a conditional update: workers racing for
+    the next unit never both get it), the shards' shares add up, and one plan is used even
+    when several shards ran the clean pass."""
+    svc = live_service("embedded", workers=2)
+    _dataset, model = _setup(svc, synthetic_root)
+    done = svc.wait_job(_evaluate(svc, model, shards=5)["id"], timeout=240)
+    assert done["status"] == "succeeded", (done, svc.worker_logs())
+    shards = svc.client.get("/v1/jobs", params={"parent_id": done["id"]}).json()["items"]
+    took = [s["progress"]["units_done"] for s in shards]
+    total = shards[0]["progress"]["units"]
+    assert sum(took) == total and len(took) == 5, took
+    log = svc.client.get(f"/v1/jobs/{done['id']}/log").text
+    saved = sorted(int(k) for k in re.findall(r"unit (\d+) of \d+ saved", log))
+    assert saved == list(range(1, total + 1))
+    planned = log.count("planned")
+    assert planned == 1 and log.count("recorded its plan first; using it") <= 4, log[-3000:]
 
 
 def test_a_failing_shard_fails_the_evaluation(live_service, synthetic_root):

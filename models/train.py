@@ -173,7 +173,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
           progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
           on_checkpoint: Callable[[Path, int], None] | None = None,
-          device: str | None = None, resume: bool = True, sync_batchnorm: bool = False) -> dict[str, Any]:
+          device: str | None = None, resume: bool = True, sync_batchnorm: bool = False,
+          num_workers: int = 0) -> dict[str, Any]:
     """Train ``model_cfg`` on ``dataset`` (a ``ClipDataset``) with ``train_cfg``.
 
     Writes ``out_dir/last/`` after every epoch (weights, momentum buffers, epoch, history)
@@ -184,6 +185,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
     arguments and its own ``device``; ``train_cfg.batch_size`` is the global batch. Only rank 0
     writes checkpoints and calls ``progress``, ``should_stop`` and ``on_checkpoint``.
     ``sync_batchnorm`` (CUDA only) normalises with the statistics of the global batch.
+    ``num_workers`` DataLoader processes read (and from a ``jpeg`` cache decode) the clips
+    while the model trains; the result does not depend on it (the batches are drawn here,
+    and loading draws no random number).
     """
     out_dir = Path(out_dir)
     device = resolve_device(device)
@@ -222,7 +226,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
 
     generator = torch.Generator().manual_seed(train_cfg.seed)
     loader = DataLoader(dataset, batch_sampler=RankBatches(dataset, train_cfg.batch_size, generator, ranks.rank,
-                                                           ranks.world), generator=generator)
+                                                           ranks.world), generator=generator, num_workers=num_workers)
     steps = len(loader)
     emit = (progress if ranks.main else None) or (lambda _: None)
     for epoch in range(start_epoch, train_cfg.epochs):

@@ -206,7 +206,7 @@ class StateCollector:
                                   value=admission.rejected)
 
     def read_database(self) -> list[Metric]:
-        kinds = list(TASK_FOR_KIND)
+        kinds = [*TASK_FOR_KIND, "prepare"]  # a prepare job is never sent itself, its shards are
         with self.app.state.sessions() as session:
             now = utcnow()
             counts = session.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)).all()

@@ -244,7 +244,21 @@ class EvaluateJobCreate(RequestBody):
         return self
 
 
-JobCreate = Annotated[TrainJobCreate | EvaluateJobCreate, Field(discriminator="kind")]
+class PrepareJobCreate(RequestBody):
+    """Decode a dataset once, spread over the workers, into the cache that training and
+    evaluation at the ``preset``'s geometry read; the cache goes to the object store, and
+    every worker downloads it from there instead of decoding the videos itself."""
+
+    kind: Literal["prepare"]
+    dataset_id: Id = Field(description="id or name of the dataset")
+    preset: Preset = Field("tiny", description="the geometry (RGB frames and size, skeleton frames) of this "
+                                               "preset's models")
+    shards: int | None = Field(None, ge=1, le=64, description="run it as this many shard jobs, which take groups "
+                               "of samples from a queue until none is left (about as many as the workers you want "
+                               "on it). Default: one per 200 samples, at most 64")
+
+
+JobCreate = Annotated[TrainJobCreate | EvaluateJobCreate | PrepareJobCreate, Field(discriminator="kind")]
 
 
 class JobInputs(BaseModel):
@@ -262,6 +276,8 @@ class JobInputs(BaseModel):
 class JobOutputs(BaseModel):
     model_id: str | None = Field(None, description="training jobs: the model it produced (once succeeded)")
     report_id: str | None = Field(None, description="evaluation jobs: the report it wrote (once succeeded)")
+    cache: str | None = Field(None, description="prepare jobs: where the prepared cache is in the object store "
+                                                "(once succeeded)")
 
 
 class JobTimings(BaseModel):

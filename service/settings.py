@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     # send, or the broker was down) is sent again by the reaper after this long (seconds); so
     # are queued jobs whose messages the broker lost (it holds fewer than there are jobs).
     outbox_grace_s: float = 60.0
+    # A prepare job hands its shards this many samples at a time (one unit of its queue):
+    # a shard whose worker died decodes at most these again.
+    prepare_unit_samples: int = 16
+    # Decoding processes a worker runs for a prepare unit (1: in the worker process; one
+    # worker per core is the usual deployment).
+    prepare_workers: int = 1
+    # DataLoader processes that read (and from a jpeg cache decode) clips while the model
+    # runs, in training and evaluation jobs (0: in the worker process).
+    loader_workers: int = 0
     # /readyz answers 503 unless this many workers were seen alive within the heartbeat
     # timeout (0: an API deployed without workers of its own can be ready alone).
     ready_min_workers: int = 1

@@ -66,6 +66,12 @@ def shard_positions(clips: int, index: int, count: int) -> list[int]:
 
 
 
+def cache_location(dataset_id: str, geometry: dict[str, int]) -> str:
+    """Where a prepare job puts a dataset's cache in the object store (and where workers
+    look for it before decoding)."""
+    return f"caches/{dataset_id}/{geometry['rgb_frames']}f{geometry['rgb_size']}px{geometry['skel_frames']}s"
+
+
 PLAN = -1  # the unit row that records the plan: whose first stage is the one used
 
 
@@ -145,7 +151,7 @@ def units_done_by(session: Session, parent_id: str, shard_id: str) -> list[int]:
 def make_shards(parent: Job) -> list[Job]:
     """The shard rows of ``parent`` (not added to a session)."""
     count = parent.shard_count or 1
-    return [Job(id=new_id(), kind="shard", status="queued", params={"shard": i, "shards": count},
+    return [Job(id=new_id(), kind="shard", status="queued", params={"shard": i, "shards": count, "of": parent.kind},
                 dataset_id=parent.dataset_id, model_id=parent.model_id, owner_id=parent.owner_id,
                 parent_id=parent.id, shard_index=i) for i in range(count)]
 

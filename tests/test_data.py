@@ -644,6 +644,41 @@ def test_prepare_with_two_workers_writes_the_same_cache(syn_root, prepared, tmp_
         prepare(root, tmp_path / "zero", RGB_FRAMES, RGB_SIZE, SKEL_FRAMES, workers=0)
 
 
+def test_a_prepare_in_pieces_writes_the_same_cache(syn_root, prepared, tmp_path):
+    """The service's sharded prepare: samples decoded in pieces (separate directories, as on
+    separate machines), then the cache assembled from their skeleton arrays alone, is the
+    cache ``prepare`` writes."""
+    from robustact.models.data.ntu import find_samples
+
+    root, _, _ = syn_root
+    cache_dir, meta, _, _ = prepared
+    names = [s.name for s in find_samples(root)]
+    pieces = [names[0::3], names[1::3], names[2::3]]
+    arrays, skipped, sizes = {}, {}, 0
+    for k, piece in enumerate(pieces):
+        reasons = cache.decode_samples(root, tmp_path / f"piece{k}", piece, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES)
+        assert list(reasons) == piece
+        for name, reason in reasons.items():
+            if reason is None:
+                arrays[name] = cache.clip_arrays(tmp_path / f"piece{k}" / f"{name}.npz")
+                sizes += (tmp_path / f"piece{k}" / f"{name}.npz").stat().st_size
+            else:
+                skipped[name] = reason
+    assert skipped == {entry["name"]: entry["reason"] for entry in meta["skipped"]} != {}
+    out = tmp_path / "assembled"
+    (out / "clips").mkdir(parents=True)
+    for k in range(3):
+        for path in (tmp_path / f"piece{k}").iterdir():
+            path.rename(out / "clips" / path.name)
+    assembled = cache.assemble_cache(root, out, arrays.__getitem__, skipped, sizes, RGB_FRAMES, RGB_SIZE,
+                                     SKEL_FRAMES)
+    assert cache.cache_digest(out) == cache.cache_digest(cache_dir)
+    assert {k: v for k, v in assembled.items() if k not in cache.RUN_KEYS} == \
+        {k: v for k, v in meta.items() if k not in cache.RUN_KEYS}
+    with pytest.raises(ValueError, match="no sample named"):
+        cache.decode_samples(root, tmp_path / "x", ["S001C001P001R001A099"], RGB_FRAMES, RGB_SIZE, SKEL_FRAMES)
+
+
 def _clip_files(cache_or_partial: Path) -> list[str]:
     return sorted(p.name for p in (cache_or_partial / "clips").iterdir())
 

@@ -125,6 +125,18 @@ def test_train_checkpoints_resumes_identically_and_loads_without_pickle(tmp_path
     assert len(model(data.rgb[:2], data.skel[:2]).aux) == 1
 
 
+def test_dataloader_workers_do_not_change_training(tmp_path):
+    """Clips read by two DataLoader processes train the same weights as clips read in this
+    process: the batches are drawn here, loading draws nothing."""
+    cfg = preset_config("tiny", num_classes=K)
+    data = TensorClips(cfg, n=8)
+    tc = TrainConfig(defence="at-rs", epochs=2, batch_size=4, attack=FAST_ATTACK)
+    runs = [train(cfg, tc, data, tmp_path / f"w{w}", preset="tiny", num_workers=w) for w in (0, 2)]
+    assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
+    a, b = (load_file(str(tmp_path / f"w{w}" / "model" / "model.safetensors")) for w in (0, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_with_another_config_is_refused(tmp_path):
     cfg = preset_config("tiny", num_classes=K)
     data = TensorClips(cfg, n=4)

@@ -344,18 +344,31 @@ def dataset_root(ctx: Context, dataset: Dataset) -> Path:
 
 
 def prepared_cache(ctx: Context, dataset: Dataset, model_cfg, run: "JobRun") -> Path:
-    """The decoded cache of ``dataset`` at the model's input geometry, prepared once per
-    host (``prepare`` itself writes a temp directory and renames it into place)."""
+    """The decoded cache of ``dataset`` at the model's input geometry, once per host: the
+    one a prepare job put in the object store if there is one (downloaded), else decoded
+    here (``prepare`` itself writes a temp directory and renames it into place)."""
     from robustact.models.data.cache import META_FILE, prepare
+    from robustact.service.shards import cache_location
 
-    geometry = f"{model_cfg.rgb_frames}f{model_cfg.rgb_size}px{model_cfg.skel_frames}s"
-    cache = ctx.settings.cache_dir / "datasets" / dataset.id / geometry
-    with file_lock(cache.with_name(geometry + ".lock")):
+    geometry = {"rgb_frames": model_cfg.rgb_frames, "rgb_size": model_cfg.rgb_size,
+                "skel_frames": model_cfg.skel_frames}
+    name = f"{model_cfg.rgb_frames}f{model_cfg.rgb_size}px{model_cfg.skel_frames}s"
+    cache = ctx.settings.cache_dir / "datasets" / dataset.id / name
+    with file_lock(cache.with_name(name + ".lock")):
         if not (cache / META_FILE).is_file():
-            log.info("preparing %s (%s) into %s", dataset.name, dataset.location, cache)
-            prepare(dataset_root(ctx, dataset), cache, rgb_frames=model_cfg.rgb_frames,
-                    rgb_size=model_cfg.rgb_size, skel_frames=model_cfg.skel_frames,
-                    progress=lambda done, total: run.progress({"phase": "prepare", "step": done, "steps": total}))
+            stored = cache_location(dataset.id, geometry)
+            if ctx.patient(f"look for a prepared cache of {dataset.id}",
+                           lambda: ctx.store.exists(f"{stored}/{META_FILE}")):
+                log.info("downloading the prepared cache %s into %s", stored, cache)
+                run.progress({"phase": "download cache"})
+                shutil.rmtree(cache, ignore_errors=True)
+                ctx.patient(f"download the prepared cache {stored}", lambda: materialize_dir(ctx.store, stored, cache))
+            else:
+                log.info("preparing %s (%s) into %s", dataset.name, dataset.location, cache)
+                prepare(dataset_root(ctx, dataset), cache, rgb_frames=model_cfg.rgb_frames,
+                        rgb_size=model_cfg.rgb_size, skel_frames=model_cfg.skel_frames,
+                        progress=lambda done, total: run.progress({"phase": "prepare", "step": done,
+                                                                   "steps": total}))
     return cache
 
 
@@ -446,7 +459,7 @@ def _train_body(ctx: Context, job: Job, run: JobRun) -> None:
     else:
         summary = train(model_cfg, train_cfg, data, work, preset=params["preset"], progress=run.progress,
                         should_stop=run.should_stop, on_checkpoint=on_checkpoint,
-                        device=device_name(ctx.settings), resume=True)
+                        device=device_name(ctx.settings), resume=True, num_workers=ctx.settings.loader_workers)
     log.info("job %s: trained %d epochs", job.id, summary["epochs"])
 
     name = params.get("name") or f"{train_cfg.defence}-{job.id[:8]}"
@@ -525,7 +538,7 @@ def _evaluate_body(ctx: Context, job: Job, run: JobRun) -> None:
     report, records = evaluate(model, meta, data, suite, batch_size=params["batch_size"], seed=params["seed"],
                                strategy=params.get("strategy", "full"), diagnostics=params.get("diagnostics", True),
                                progress=run.progress, should_stop=run.should_stop, device=device_name(ctx.settings),
-                               dataset_info=_dataset_info(dataset, params),
+                               dataset_info=_dataset_info(dataset, params), num_workers=ctx.settings.loader_workers,
                                model_info={"name": model_row.name, "id": model_row.id})
     _store_report(ctx, job, run, model_row, dataset, report, records)
 
@@ -598,47 +611,19 @@ def _load_npz(data: bytes) -> dict:
 
 
 def _shard_body(ctx: Context, job: Job, run: JobRun) -> None:
-    from robustact.models.evaluate import clean_records, clip_identities, plan_units, run_unit
-    from robustact.service.shards import (unit_key, units_done_by, finish_unit, first_stage_key, make_plan,
-                                          read_plan, start_parent, take_unit)
-
     parent = ctx.read(Job, job.parent_id)
-    params = parent.params
-    _model_row, _dataset, model, _meta, data, suite = _evaluation_inputs(ctx, parent, run)
-    ids = clip_identities(data)
-    strategy, device = params.get("strategy", "full"), device_name(ctx.settings)
+    if parent.kind == "prepare":
+        _prepare_shard(ctx, job, parent, run)
+    else:
+        _evaluate_shard(ctx, job, parent, run)
 
-    def started() -> tuple[dict | None, list[int]]:
-        with ctx.sessions() as session:
-            start_parent(session, parent.id)
-            return read_plan(session, parent.id), units_done_by(session, parent.id, job.id)
 
-    plan, done = ctx.patient(f"job {job.id}: start evaluation {parent.id}", started)
-    log.info("job %s: shard %d of %d of evaluation %s (%d clips)", job.id, job.shard_index + 1, parent.shard_count,
-             parent.id, len(data))
-    if plan is None:  # the first stage: the clean pass
-        run.progress({"phase": "clean"})
-        table = clean_records(model, data, suite, batch_size=params["batch_size"], device=device, clip_ids=ids,
-                              should_stop=run.should_stop)
-        units = [{"group": g, "rows": rows} for g, rows in plan_units(
-            table, suite, strategy, params.get("diagnostics", True), params["batch_size"])]
-        key = first_stage_key(parent.id, job.id)
-        buffer = io.BytesIO()
-        table.save(buffer)
-        ctx.patient(f"job {job.id}: save its clean pass", lambda: ctx.store.put_bytes(key, buffer.getvalue()))
-
-        def record() -> dict:
-            with ctx.sessions() as session:
-                return make_plan(session, parent.id, job.id, key, units)
-
-        plan = ctx.patient(f"job {job.id}: record the plan", record)
-        if plan["shard"] == job.id:
-            log.info("job %s: clean pass done, %d of %d clips correct; planned %d units", job.id,
-                     int(table.clean_correct.sum()), len(data), len(units))
-        else:
-            log.info("job %s: shard %s recorded its plan first; using it", job.id, plan["shard"])
-            ctx.store.delete(key)
-    total = plan["units"]
+def _take_units(ctx: Context, job: Job, parent: Job, run: JobRun, total: int, done: list[int],
+                work: Callable[[int, dict, str], None]) -> None:
+    """Take units of ``parent``'s plan until none is left: ``work(unit, spec, key)`` saves
+    the unit's result at ``key`` in the store (skipped when it is there already: a worker
+    that died after saving it)."""
+    from robustact.service.shards import finish_unit, take_unit, unit_key
 
     def take():
         with ctx.sessions() as session:
@@ -657,23 +642,130 @@ def _shard_body(ctx: Context, job: Job, run: JobRun) -> None:
             raise EvaluationCancelled(f"stopped before unit {k + 1} of {total}")
         key = unit_key(parent.id, k)
         if ctx.patient(f"job {job.id}: look for unit {k + 1}", lambda: ctx.store.exists(key)):
-            log.info("job %s: unit %d was saved before this attempt", job.id, k + 1)  # the worker died after saving
+            log.info("job %s: unit %d was saved before this attempt", job.id, k + 1)
         else:
-            run.progress({"phase": "evaluate", "unit": k + 1, "units": total, "units_done": len(done),
+            run.progress({"phase": parent.kind, "unit": k + 1, "units": total, "units_done": len(done),
                           "step": len(done), "steps": total})
-            result = run_unit(model, data, suite, (spec["group"], spec["rows"]), strategy=strategy,
-                              seed=params["seed"], clip_ids=ids, batch_size=params["batch_size"], device=device,
-                              should_stop=run.should_stop)
-            body = _save_npz(result)
-            ctx.patient(f"job {job.id}: save unit {k + 1}", lambda: ctx.store.put_bytes(key, body))
-            log.info("job %s: unit %d of %d saved (group %d, %d clips)", job.id, k + 1, total, spec["group"],
-                     len(spec["rows"]))
+            work(k, spec, key)
         ctx.patient(f"job {job.id}: mark unit {k + 1} done", lambda: finish(k))
         done.append(k)
     log.info("job %s: no unit left; this shard did %d of %d", job.id, len(done), total)
     _commit_success(ctx, job.id, run.attempt, lambda: [],
                     progress={"phase": "done", "units_done": len(done), "units": total, "step": len(done),
                               "steps": total}, cleanup=lambda: None)
+
+
+def _start_shard(ctx: Context, job: Job, parent: Job) -> tuple[dict | None, list[int]]:
+    """Mark the parent running; (its plan if made, the units this shard finished before)."""
+    from robustact.service.shards import read_plan, start_parent, units_done_by
+
+    def started() -> tuple[dict | None, list[int]]:
+        with ctx.sessions() as session:
+            start_parent(session, parent.id)
+            return read_plan(session, parent.id), units_done_by(session, parent.id, job.id)
+
+    return ctx.patient(f"job {job.id}: start job {parent.id}", started)
+
+
+def _record_plan(ctx: Context, job: Job, parent: Job, key: str | None, units: list[dict]) -> dict:
+    from robustact.service.shards import make_plan
+
+    def record() -> dict:
+        with ctx.sessions() as session:
+            return make_plan(session, parent.id, job.id, key, units)
+
+    return ctx.patient(f"job {job.id}: record the plan", record)
+
+
+def _prepare_shard(ctx: Context, job: Job, parent: Job, run: JobRun) -> None:
+    """Decode units of samples into clip files in the store (``{cache}/clips/NAME.npz``)
+    and save each unit's skeleton arrays, which the merge assembles the cache from."""
+    import numpy as np
+
+    from robustact.models.data.cache import clip_arrays, decode_samples
+    from robustact.models.data.ntu import find_samples
+
+    params = parent.params
+    geometry = params["geometry"]
+    root = dataset_root(ctx, ctx.read(Dataset, parent.dataset_id))
+    plan, done = _start_shard(ctx, job, parent)
+    log.info("job %s: shard %d of %d of prepare %s (%s)", job.id, job.shard_index + 1, parent.shard_count,
+             parent.id, params["cache"])
+    if plan is None:
+        names = [s.name for s in find_samples(root)]
+        per = max(1, ctx.settings.prepare_unit_samples)
+        plan = _record_plan(ctx, job, parent, None, [{"names": names[i:i + per]} for i in range(0, len(names), per)])
+        if plan["shard"] == job.id:
+            log.info("job %s: planned %d units of up to %d samples", job.id, plan["units"], per)
+
+    def work(k: int, spec: dict, key: str) -> None:
+        scratch = ctx.settings.cache_dir / "jobs" / job.id / f"unit-{k:06d}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            reasons = decode_samples(root, scratch, spec["names"], geometry["rgb_frames"], geometry["rgb_size"],
+                                     geometry["skel_frames"], workers=ctx.settings.prepare_workers)
+            kept = [n for n, reason in reasons.items() if reason is None]
+            for name in kept:
+                path = scratch / f"{name}.npz"
+                ctx.patient(f"job {job.id}: upload clip {name}",
+                            lambda: ctx.store.put_file(f"{params['cache']}/clips/{name}.npz", path))
+            arrays = [clip_arrays(scratch / f"{n}.npz") for n in kept]
+            body = _save_npz({
+                "names": np.array(json.dumps(spec["names"])), "reasons": np.array(json.dumps(reasons)),
+                "infos": np.array(json.dumps([a[0] for a in arrays])),
+                "skel": np.stack([a[1] for a in arrays]) if arrays else np.zeros((0,), np.float32),
+                "coords_min": np.stack([a[2] for a in arrays]) if arrays else np.zeros((0, 3)),
+                "coords_max": np.stack([a[3] for a in arrays]) if arrays else np.zeros((0, 3)),
+                "clip_bytes": np.array([(scratch / f"{n}.npz").stat().st_size for n in kept], dtype=np.int64)})
+            ctx.patient(f"job {job.id}: save unit {k + 1}", lambda: ctx.store.put_bytes(key, body))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        log.info("job %s: unit %d of %d saved (%d samples decoded, %d skipped)", job.id, k + 1, plan["units"],
+                 len(kept), len(reasons) - len(kept))
+
+    _take_units(ctx, job, parent, run, plan["units"], done, work)
+
+
+def _evaluate_shard(ctx: Context, job: Job, parent: Job, run: JobRun) -> None:
+    from robustact.models.evaluate import clean_records, clip_identities, plan_units, run_unit
+    from robustact.service.shards import first_stage_key
+
+    params = parent.params
+    _model_row, _dataset, model, _meta, data, suite = _evaluation_inputs(ctx, parent, run)
+    ids = clip_identities(data)
+    strategy, device = params.get("strategy", "full"), device_name(ctx.settings)
+    workers = ctx.settings.loader_workers
+    plan, done = _start_shard(ctx, job, parent)
+    log.info("job %s: shard %d of %d of evaluation %s (%d clips)", job.id, job.shard_index + 1, parent.shard_count,
+             parent.id, len(data))
+    if plan is None:  # the first stage: the clean pass
+        run.progress({"phase": "clean"})
+        table = clean_records(model, data, suite, batch_size=params["batch_size"], device=device, clip_ids=ids,
+                              should_stop=run.should_stop, num_workers=workers)
+        units = [{"group": g, "rows": rows} for g, rows in plan_units(
+            table, suite, strategy, params.get("diagnostics", True), params["batch_size"])]
+        key = first_stage_key(parent.id, job.id)
+        buffer = io.BytesIO()
+        table.save(buffer)
+        ctx.patient(f"job {job.id}: save its clean pass", lambda: ctx.store.put_bytes(key, buffer.getvalue()))
+        plan = _record_plan(ctx, job, parent, key, units)
+        if plan["shard"] == job.id:
+            log.info("job %s: clean pass done, %d of %d clips correct; planned %d units", job.id,
+                     int(table.clean_correct.sum()), len(data), len(units))
+        else:
+            log.info("job %s: shard %s recorded its plan first; using it", job.id, plan["shard"])
+            ctx.store.delete(key)
+
+    def work(k: int, spec: dict, key: str) -> None:
+        result = run_unit(model, data, suite, (spec["group"], spec["rows"]), strategy=strategy, seed=params["seed"],
+                          clip_ids=ids, batch_size=params["batch_size"], device=device, should_stop=run.should_stop,
+                          num_workers=workers)
+        body = _save_npz(result)
+        ctx.patient(f"job {job.id}: save unit {k + 1}", lambda: ctx.store.put_bytes(key, body))
+        log.info("job %s: unit %d of %d saved (group %d, %d clips)", job.id, k + 1, plan["units"], spec["group"],
+                 len(spec["rows"]))
+
+    _take_units(ctx, job, parent, run, plan["units"], done, work)
 
 
 @app.task(name=SHARD_TASK, acks_late=True, reject_on_worker_lost=True)
@@ -699,6 +791,63 @@ def claim_merge(sessions: sessionmaker[Session], job_id: str, worker: str) -> in
 
 
 def _merge_body(ctx: Context, job: Job, run: JobRun) -> None:
+    if job.kind == "prepare":
+        _merge_prepare(ctx, job, run)
+    else:
+        _merge_evaluation(ctx, job, run)
+
+
+def _merge_prepare(ctx: Context, job: Job, run: JobRun) -> None:
+    """Assemble the cache from the units' skeleton arrays (the clip files are in the store
+    already) and upload ``skel.npy``, ``labels.npy``, ``prepare.json`` and, last,
+    ``meta.json``: a cache in the store is complete once its meta is there."""
+    from robustact.models.data.cache import LABELS_FILE, MANIFEST_FILE, META_FILE, SKEL_FILE, assemble_cache
+    from robustact.service.shards import read_plan, unit_prefix
+
+    params, geometry = job.params, job.params["geometry"]
+
+    def plan() -> dict | None:
+        with ctx.sessions() as session:
+            return read_plan(session, job.id)
+
+    recorded = ctx.patient(f"job {job.id}: read its plan", plan)
+    keys = sorted(ctx.patient(f"job {job.id}: list its units", lambda: ctx.store.list(unit_prefix(job.id))))
+    if recorded is None or len(keys) != recorded["units"]:
+        raise RuntimeError(f"{len(keys)} unit results in the store, the plan has {recorded and recorded['units']}")
+    arrays, skipped, clip_bytes = {}, {}, 0
+    for key in keys:
+        unit = _load_npz(ctx.patient(f"job {job.id}: read {key}", lambda: ctx.store.get_bytes(key)))
+        reasons = json.loads(str(unit["reasons"]))
+        infos = json.loads(str(unit["infos"]))
+        kept = [n for n in json.loads(str(unit["names"])) if reasons[n] is None]
+        skipped.update({n: r for n, r in reasons.items() if r is not None})
+        for i, name in enumerate(kept):
+            arrays[name] = (infos[i], unit["skel"][i], unit["coords_min"][i], unit["coords_max"][i])
+        clip_bytes += int(unit["clip_bytes"].sum())
+    root = dataset_root(ctx, ctx.read(Dataset, job.dataset_id))
+    work = ctx.settings.cache_dir / "jobs" / job.id / "assembled"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        meta = assemble_cache(root, work, arrays.__getitem__, skipped, clip_bytes, geometry["rgb_frames"],
+                              geometry["rgb_size"], geometry["skel_frames"])
+        for name in (SKEL_FILE, LABELS_FILE, MANIFEST_FILE, META_FILE):  # the meta last
+            ctx.patient(f"job {job.id}: upload {name}",
+                        lambda: ctx.store.put_file(f"{params['cache']}/{name}", work / name))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("job %s: cache %s assembled: %d samples, %d skipped, %d bytes per clip", job.id, params["cache"],
+             meta["num_samples"], len(meta["skipped"]), meta["bytes_per_clip"])
+    _commit_success(ctx, job.id, run.attempt, lambda: [],
+                    progress={"phase": "done", "cache": params["cache"], "samples": meta["num_samples"],
+                              "skipped": len(meta["skipped"]), "bytes_per_clip": meta["bytes_per_clip"]},
+                    cleanup=lambda: None)
+    try:
+        ctx.store.delete_prefix(unit_prefix(job.id))
+    except Exception:
+        log.exception("job %s: its unit results were left in the store", job.id)
+
+
+def _merge_evaluation(ctx: Context, job: Job, run: JobRun) -> None:
     from robustact.models.checkpoint import load_checkpoint, resolve_device
     from robustact.models.evaluate import ClipRecords, apply_unit
     from robustact.models.report import build_report

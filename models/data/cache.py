@@ -212,27 +212,13 @@ def prepare(root: str | os.PathLike, cache_dir: str | os.PathLike, rgb_frames: i
         kept = [s for i, s in enumerate(samples) if i not in skipped]
         if not kept:
             raise ValueError(f"{root}: no usable sample ({len(skipped)} skipped)")
-        assembled = _assemble(work, kept, settings)
-        meta = {
-            "format": CACHE_FORMAT,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "root": str(root.resolve()),
-            "class_names": names,
-            "num_classes": len(names),
-            "rgb_frames": int(rgb_frames),
-            "rgb_size": int(rgb_size),
-            "skel_frames": int(skel_frames),
-            "joints": JOINTS,
-            "persons": BODIES,
-            "cache_format": cache_format,
-            **assembled,
-            "skipped": [{"name": samples[i].name, "reason": skipped[i]} for i in sorted(skipped)],
-            "splits": {p: {"train": sum(in_train_split(s.id, p) for s in kept),
-                           "test": sum(not in_train_split(s.id, p) for s in kept)}
-                       for p in PROTOCOLS},
-            "prepare": {"workers": workers, "decoded": decoded, "reused": reused},
-            "seconds": round(time.perf_counter() - started, 3),
-        }
+        meta = _build_meta(root, work, names, samples, kept, skipped, settings,
+                           lambda sample: _clip_arrays(clips / f"{sample.name}.npz"))
+        _drop_other_clips(clips, kept)
+        meta["bytes_per_clip"] = _bytes_per_clip(sum((clips / f"{s.name}.npz").stat().st_size for s in kept),
+                                                 len(kept), settings)
+        meta["prepare"] = {"workers": workers, "decoded": decoded, "reused": reused}
+        meta["seconds"] = round(time.perf_counter() - started, 3)
         _write_json(work / META_FILE, meta)
         _swap_into_place(work, cache_dir)
     finally:
@@ -242,12 +228,125 @@ def prepare(root: str | os.PathLike, cache_dir: str | os.PathLike, rgb_frames: i
     return summary
 
 
-def _assemble(work: Path, kept: list, settings: dict) -> dict:
-    """Write ``skel.npy`` and ``labels.npy`` from the clip files of the ``kept`` samples,
-    delete every other file of ``clips/`` (torn writes, samples gone from the root); return
-    the meta entries that depend on the clips."""
+# ------------------------------------------------------------------ prepare in pieces
+#
+# What a prepare spread over machines (the service's sharded ``prepare`` job) calls: each
+# piece decodes some samples into clip files (``decode_samples``) and reports their skeleton
+# arrays (``clip_arrays``); one last step writes ``skel.npy``, ``labels.npy`` and the meta
+# from those arrays alone (``assemble_cache``), without reading the clips' frames again.
+# The clip files and the meta are what ``prepare`` writes for the same samples.
+
+
+def decode_samples(root: str | os.PathLike, clips_dir: str | os.PathLike, names: list[str], rgb_frames: int,
+                   rgb_size: int, skel_frames: int, *, cache_format: str = "raw",
+                   workers: int | None = 1) -> dict[str, str | None]:
+    """Decode the samples ``names`` of the NTU-layout dataset at ``root`` into
+    ``clips_dir/NAME.npz``; returns each name's reason for being skipped (None: decoded).
+    Malformed files raise as in ``prepare``."""
+    if cache_format not in RGB_FORMATS:
+        raise ValueError(f"cache_format must be one of {RGB_FORMATS}, got {cache_format!r}")
+    settings = _settings(rgb_frames, rgb_size, skel_frames, cache_format)
+    by_name = {s.name: s for s in find_samples(root)}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"{root}: no sample named {missing[0]}")
+    clips = Path(clips_dir)
+    clips.mkdir(parents=True, exist_ok=True)
+    workers = _worker_count(workers)
+    reasons: dict[str, str | None] = {}
+    jobs = []
+    for index, name in enumerate(names):
+        sample = by_name[name]
+        if sample.skeleton is None or sample.video is None:
+            reasons[name] = "no .skeleton file" if sample.skeleton is None else "no _rgb.avi file"
+            continue
+        jobs.append(_ClipJob(index, name, str(sample.skeleton), str(sample.video), str(clips / f"{name}.npz"),
+                             settings, _source(sample), threads=1 if workers > 1 else None))
+    _run_jobs(jobs, workers, lambda index, reason: reasons.__setitem__(names[index], reason))
+    return {name: reasons[name] for name in names}
+
+
+def clip_arrays(path: str | os.PathLike) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """(info, unscaled skeleton (T, V, 3, M), coords_min, coords_max) of a clip file."""
+    return _clip_arrays(Path(path))
+
+
+def assemble_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, arrays: Callable[[str], tuple],
+                   skipped: dict[str, str], clip_bytes: int, rgb_frames: int, rgb_size: int, skel_frames: int,
+                   cache_format: str = "raw") -> dict:
+    """Write ``skel.npy``, ``labels.npy``, ``prepare.json`` and, last, ``meta.json`` into
+    ``cache_dir`` for the samples of ``root`` that are not in ``skipped`` (name → reason),
+    from ``arrays(name)`` (what ``clip_arrays`` gives of its clip file). ``clip_bytes``: the
+    clip files' total size. Returns the meta."""
+    root, work = Path(root), Path(cache_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    settings = _settings(rgb_frames, rgb_size, skel_frames, cache_format)
+    names = class_names(root)
+    samples = find_samples(root)
+    index = {s.name: i for i, s in enumerate(samples)}
+    unknown = [n for n in skipped if n not in index]
+    if unknown:
+        raise ValueError(f"{root}: no sample named {unknown[0]}")
+    skipped_at = {index[n]: reason for n, reason in skipped.items()}
+    kept = [s for i, s in enumerate(samples) if i not in skipped_at]
+    meta = _build_meta(root, work, names, samples, kept, skipped_at, settings, lambda sample: arrays(sample.name))
+    meta["bytes_per_clip"] = _bytes_per_clip(clip_bytes, len(kept), settings)
+    _write_json(work / MANIFEST_FILE, settings)
+    _write_json(work / META_FILE, meta)
+    return meta
+
+
+def _build_meta(root: Path, work: Path, names: list[str], samples: list, kept: list, skipped: dict[int, str],
+                settings: dict, arrays: Callable) -> dict:
+    """Write ``skel.npy`` and ``labels.npy`` of the ``kept`` samples into ``work`` and return
+    the cache's meta (without the run's ``bytes_per_clip``, ``prepare`` and ``seconds``).
+    ``arrays(sample)`` gives a kept sample's (info, unscaled skeleton (T, V, 3, M), coords_min,
+    coords_max), as its clip file stores them."""
+    if not kept:
+        raise ValueError(f"{root}: no usable sample ({len(skipped)} skipped)")
+    return {
+        "format": CACHE_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "root": str(Path(root).resolve()),
+        "class_names": names,
+        "num_classes": len(names),
+        "rgb_frames": settings["rgb_frames"],
+        "rgb_size": settings["rgb_size"],
+        "skel_frames": settings["skel_frames"],
+        "joints": JOINTS,
+        "persons": BODIES,
+        "cache_format": settings["cache_format"],
+        **_assemble(work, kept, settings, arrays),
+        "skipped": [{"name": samples[i].name, "reason": skipped[i]} for i in sorted(skipped)],
+        "splits": {p: {"train": sum(in_train_split(s.id, p) for s in kept),
+                       "test": sum(not in_train_split(s.id, p) for s in kept)}
+                   for p in PROTOCOLS},
+    }
+
+
+def _clip_arrays(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as clip:
+        return json.loads(clip["info"].tobytes()), clip["skel"], clip["coords_min"], clip["coords_max"]
+
+
+def _drop_other_clips(clips: Path, kept: list) -> None:
+    """Delete every file of ``clips/`` that is not a kept sample's (torn writes, samples
+    gone from the root)."""
+    wanted = {f"{s.name}.npz" for s in kept}
+    for path in clips.iterdir():
+        if path.name not in wanted:
+            path.unlink()
+
+
+def _bytes_per_clip(clip_bytes: int, n: int, settings: dict) -> int:
+    """On disk per clip: its clip file, its row of skel.npy and its label."""
+    return round(clip_bytes / n) + 3 * settings["skel_frames"] * JOINTS * BODIES * 4 + 8
+
+
+def _assemble(work: Path, kept: list, settings: dict, arrays: Callable) -> dict:
+    """Write ``skel.npy`` and ``labels.npy`` of the ``kept`` samples (their skeletons from
+    ``arrays``, see ``_build_meta``); return the meta entries that depend on the clips."""
     n, skel_frames = len(kept), settings["skel_frames"]
-    clips = work / CLIPS_DIR
     # Unscaled skeletons go to a scratch memmap: the scaling constants are only known once
     # every training skeleton has been read.
     scratch = np.lib.format.open_memmap(work / "skel_raw.npy", mode="w+", dtype=np.float32,
@@ -257,10 +356,8 @@ def _assemble(work: Path, kept: list, settings: dict) -> dict:
     hi_train = np.full(3, -np.inf)
     lo_all, hi_all = lo_train.copy(), hi_train.copy()
     for row, sample in enumerate(kept):
-        with np.load(clips / f"{sample.name}.npz", allow_pickle=False) as clip:
-            info = json.loads(clip["info"].tobytes())
-            scratch[row] = clip["skel"]
-            lo, hi = clip["coords_min"], clip["coords_max"]
+        info, skel, lo, hi = arrays(sample)
+        scratch[row] = skel
         lo_all, hi_all = np.minimum(lo_all, lo), np.maximum(hi_all, hi)
         sid = sample.id
         if in_train_split(sid, "xsub"):
@@ -289,12 +386,6 @@ def _assemble(work: Path, kept: list, settings: dict) -> dict:
     os.remove(work / "skel_raw.npy")
     labels = np.array([s.id.label for s in kept], dtype=np.int64)
     np.save(work / LABELS_FILE, labels, allow_pickle=False)
-
-    wanted = {f"{s.name}.npz" for s in kept}
-    for path in clips.iterdir():
-        if path.name not in wanted:
-            path.unlink()
-    clip_bytes = sum((clips / name).stat().st_size for name in wanted)
     frames, size = settings["rgb_frames"], settings["rgb_size"]
     return {
         "arrays": {
@@ -308,8 +399,6 @@ def _assemble(work: Path, kept: list, settings: dict) -> dict:
         "skel_max": skel_max,
         "skel_range_source": source,
         "num_samples": n,
-        # On disk per clip: its clip file, its row of skel.npy and its label.
-        "bytes_per_clip": round(clip_bytes / n) + 3 * skel_frames * JOINTS * BODIES * 4 + 8,
         "samples": records,
     }
 

@@ -27,8 +27,8 @@ from robustact.service.db import FINISHED, ApiKey, Dataset, Job, JobGroup, Model
 from robustact.service.schemas import MAX_OFFSET
 from robustact.service.settings import Settings
 from robustact.service.schemas import (EvaluateJobCreate, JobCreate, JobInputs, JobList, JobOutputs, JobPublic, JobStatus,
-                             JobTimings, Links, ShardPublic, TrainJobCreate)
-from robustact.service.shards import auto_shards, cancel_parent, make_shards, retry_parent, settle
+                             JobTimings, Links, PrepareJobCreate, ShardPublic, TrainJobCreate)
+from robustact.service.shards import auto_shards, cache_location, cancel_parent, make_shards, retry_parent, settle
 from robustact.service.store import ObjectNotFound
 from robustact.worker.celery_app import MERGE_TASK, TASK_FOR_KIND
 
@@ -51,7 +51,7 @@ def _fraction(shard: Job) -> float:
     queue, so a shard's share is not known in advance; the evaluation's fraction is the
     sum over its shards."""
     progress = shard.progress or {}
-    if progress.get("phase") in ("evaluate", "done") and progress.get("steps"):
+    if progress.get("phase") in ("evaluate", "prepare", "done") and progress.get("steps"):
         return min(1.0, max(0.0, progress.get("step", 0) / progress["steps"]))
     return 0.0
 
@@ -81,8 +81,8 @@ def job_public(job: Job, model_id: str | None = None, report_id: str | None = No
         links["evaluated_model"] = f"/v1/models/{job.model_id}"
     if job.group_id:
         links["sweep"] = f"/v1/sweeps/{job.group_id}"
-    if job.parent_id:
-        links["evaluation"] = f"/v1/jobs/{job.parent_id}"
+    if job.parent_id:  # a shard: the job it is part of
+        links["prepare" if (job.params or {}).get("of") == "prepare" else "evaluation"] = f"/v1/jobs/{job.parent_id}"
     progress = job.progress
     if shards and job.status in ("queued", "running"):
         progress = _shards_progress(shards)
@@ -103,7 +103,9 @@ def job_public(job: Job, model_id: str | None = None, report_id: str | None = No
                            started_at=job.started_at, finished_at=job.finished_at, heartbeat_at=job.heartbeat_at,
                            queued_seconds=_seconds(queued_at, waited_until),
                            running_seconds=_seconds(job.started_at, end) if waited_until == job.started_at else None),
-        outputs=JobOutputs(model_id=model_id, report_id=report_id), links=Links(**links),
+        outputs=JobOutputs(model_id=model_id, report_id=report_id,
+                           cache=job.params.get("cache") if job.kind == "prepare" and job.status == "succeeded"
+                           else None), links=Links(**links),
         shards=[ShardPublic(index=s.shard_index, id=s.id, status=s.status, attempts=s.attempts, worker=s.worker,
                             fraction=_fraction(s), error=s.error) for s in shards] if shards else None)
 
@@ -195,7 +197,22 @@ def _evaluate_params(session: Session, body: EvaluateJobCreate,
     return params, dataset, model
 
 
-def new_job(session: Session, body: TrainJobCreate | EvaluateJobCreate, caller: Caller) -> Job:
+PREPARE_SAMPLES_PER_SHARD = 200
+
+
+def _prepare_params(session: Session, body: PrepareJobCreate, caller: Caller) -> tuple[dict[str, Any], Dataset]:
+    dataset = dataset_or_404(session, body.dataset_id, caller)
+    cfg = preset_config(body.preset, num_classes=len(dataset.info["class_names"]))
+    samples = dataset.info["num_samples"] + dataset.info.get("incomplete_samples", 0)
+    if body.shards is not None and body.shards > samples:
+        invalid("shards", f"{body.shards} shards for {samples} samples; at most one shard per sample", body.shards)
+    geometry = {"rgb_frames": cfg.rgb_frames, "rgb_size": cfg.rgb_size, "skel_frames": cfg.skel_frames}
+    shards = body.shards or max(1, min(64, samples // PREPARE_SAMPLES_PER_SHARD))
+    return {"request": body.model_dump(mode="json"), "preset": body.preset, "geometry": geometry,
+            "samples": samples, "shards": shards, "cache": cache_location(dataset.id, geometry)}, dataset
+
+
+def new_job(session: Session, body: TrainJobCreate | EvaluateJobCreate | PrepareJobCreate, caller: Caller) -> Job:
     """A ``queued`` row of ``caller`` for ``body``, validated completely (422 naming the
     field, 404 for a dataset or model it cannot see) but not added to the session: nothing is
     written."""
@@ -203,6 +220,10 @@ def new_job(session: Session, body: TrainJobCreate | EvaluateJobCreate, caller: 
         params, dataset = _train_params(session, body, caller)
         return Job(id=new_id(), kind="train", status="queued", params=params, dataset_id=dataset.id,
                    owner_id=caller.id)
+    if isinstance(body, PrepareJobCreate):  # always run by shards (one or more) and a merge
+        params, dataset = _prepare_params(session, body, caller)
+        return Job(id=new_id(), kind="prepare", status="queued", params=params, dataset_id=dataset.id,
+                   owner_id=caller.id, shard_count=params["shards"])
     params, dataset, model = _evaluate_params(session, body, caller)
     return Job(id=new_id(), kind="evaluate", status="queued", params=params, dataset_id=dataset.id,
                model_id=model.id, owner_id=caller.id, shard_count=params["shards"] if params["shards"] > 1 else None)
@@ -302,7 +323,7 @@ def create_job(body: JobCreate, caller: CallerDep, session: SessionDep, settings
 
 
 @router.get("", response_model=JobList)
-def list_jobs(caller: CallerDep, session: SessionDep, settings: SettingsDep, status: JobStatus | None = None, kind: Literal["train", "evaluate"] | None = None,
+def list_jobs(caller: CallerDep, session: SessionDep, settings: SettingsDep, status: JobStatus | None = None, kind: Literal["train", "evaluate", "prepare"] | None = None,
               dataset_id: str | None = None, model_id: str | None = None, group_id: str | None = None,
               parent_id: str | None = Query(None, description="the shard jobs of this sharded evaluation (shards are "
                                                               "listed only this way)"),
@@ -331,8 +352,8 @@ def get_job(job_id: str, caller: CallerDep, session: SessionDep, settings: Setti
 
 def _not_a_shard(job: Job, action: str) -> None:
     if job.parent_id:
-        raise HTTPException(status_code=409, detail=f"job {job.id!r} is a shard of evaluation {job.parent_id!r}; "
-                                                    f"{action} the evaluation (POST /v1/jobs/{job.parent_id}/{action})")
+        raise HTTPException(status_code=409, detail=f"job {job.id!r} is a shard of job {job.parent_id!r}; "
+                                                    f"{action} that job (POST /v1/jobs/{job.parent_id}/{action})")
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)

@@ -180,6 +180,7 @@ def train(
     sync_batchnorm: Annotated[bool, typer.Option(help="Data parallel on CUDA: BatchNorm statistics over the global batch "
                                                      "(SyncBatchNorm) instead of each process's share.")] = False,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads per process with --nproc (default: cores / nproc).")] = None,
+    loader_workers: Annotated[int, typer.Option(min=0, help="DataLoader processes reading (and from a jpeg cache decoding) clips while the model trains (0: in this process; single-process training only). Does not change the result.")] = 0,
 ):
     """Train a model with a defence (SGD, cosine annealing); checkpoints every epoch and resumes from the last one.
 
@@ -237,7 +238,7 @@ def train(
                                                   resume=resume, sync_batchnorm=sync_batchnorm, threads=threads)
                 else:
                     summary = run_training(model_cfg, train_cfg, dataset, out, preset=preset, progress=on_progress,
-                                           device=device, resume=resume)
+                                           device=device, resume=resume, num_workers=loader_workers)
             except DistributedError as e:
                 _fail(str(e))
     if main:
@@ -276,6 +277,7 @@ def evaluate(
     restarts: Annotated[int, typer.Option(min=1, max=100, help="Restarts of every randomised attack (PGD/CW with random start, APGD, Square); the worst per clip is kept.")] = 1,
     worst_case_only: Annotated[Optional[bool], typer.Option("--worst-case-only/--full", help="Worst-case cascade (per budget and mode, cheapest attack first, only the clips still standing) instead of every attack on every clip. Default: cascade for autoattack, full otherwise.")] = None,
     diagnostics: Annotated[bool, typer.Option(help="Gradient-masking checks (zero gradients, unbounded attack, ...).")] = True,
+    loader_workers: Annotated[int, typer.Option(min=0, help="DataLoader processes reading (and from a jpeg cache decoding) clips while the model runs (0: in this process). Does not change the result.")] = 0,
     shard: Annotated[Optional[str], typer.Option(help="I/N: evaluate only the I-th of N equal parts of the clips (a fixed pseudo-random partition) (e.g. on N machines), then combine the N reports with `robustact merge`; the result equals an unsharded run.")] = None,
 ):
     """Attack a trained model with an attack suite (attacks × modes × ε) and write a report
@@ -322,7 +324,7 @@ def evaluate(
         with _progress_bar("evaluating") as update:
             report, records = run_evaluation(
                 net, meta, subset, suite, batch_size=batch_size, seed=seed, device=device, strategy=strategy,
-                diagnostics=diagnostics,
+                diagnostics=diagnostics, num_workers=loader_workers,
                 progress=lambda p: update(p["step"], p["steps"], info=f"clean {p['clean_accuracy']:.1f}%"),
                 dataset_info={"cache": str(data), "protocol": protocol, "split": split, **shard_info},
                 model_info={"name": model_name, "checkpoint": str(model)})

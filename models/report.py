@@ -97,7 +97,15 @@ def find_attack(report: dict[str, Any], label: str, eps: float | None = None) ->
         matches = [a for a in matches if _eps_key(a) == (round(eps, 3), round(eps, 3))]
     if not matches:
         have = sorted({a["label"] for a in report["attacks"]})
+        if eps is not None and any(a["label"].lower() == label.lower() for a in report["attacks"]):
+            at = sorted({_eps_key(a)[0] for a in report["attacks"] if a["label"].lower() == label.lower()})
+            raise ReportError(f"{report_name(report)}: no {label} results at ε = {eps:g}/255 (has "
+                              f"{', '.join(f'{e:g}' for e in at)} /255)")
         raise ReportError(f"{report_name(report)}: no {label} results (has {', '.join(have) or 'none'})")
+    budgets = sorted({_eps_key(a) for a in matches})
+    if len(budgets) > 1:  # only without eps: never pick one silently (an RI could mix budgets)
+        raise ReportError(f"{report_name(report)}: {label} was run at several budgets "
+                          f"({', '.join(f'{b[0]:g}' for b in budgets)} /255); pick one with eps")
     return matches[0]
 
 
@@ -117,9 +125,10 @@ def worst_case_entry(report: dict[str, Any], eps: float | None = None) -> dict[s
 
 
 def table_row(report: dict[str, Any], label: str, eps: float | None = None) -> dict[str, Any]:
-    """``{"clean", "R", "S", "RS", "avg", "wc"}`` for attack ``label`` (or ``worst-case``:
-    the per-mode worst case over the whole suite). ``wc`` is the overall worst case at the
-    same budget (None for v1 reports)."""
+    """``{"clean", "R", "S", "RS", "avg", "wc", "eps_used"}`` for attack ``label`` (or
+    ``worst-case``: the per-mode worst case over the whole suite). ``wc`` is the overall
+    worst case at the same budget (None for v1 reports); ``eps_used`` the budget read, in
+    1/255 units. Several budgets and no ``eps`` is an error naming them."""
     clean = float(report["clean"]["accuracy"])
     if label.lower() == WORST_CASE:
         entry = worst_case_entry(report, eps)
@@ -132,7 +141,7 @@ def table_row(report: dict[str, Any], label: str, eps: float | None = None) -> d
             raise ReportError(f"{report_name(report)}: worst case lacks mode(s) {', '.join(missing)}")
         r, s, rs = (float(modes[m]["accuracy"]) for m in MODES)
         return {"clean": clean, "R": r, "S": s, "RS": rs, "avg": average(r, s, rs),
-                "wc": float(entry["overall"]["accuracy"])}
+                "wc": float(entry["overall"]["accuracy"]), "eps_used": _eps_key(entry)[0]}
     entry = find_attack(report, label, eps)
     missing = [m for m in MODES if m not in entry["modes"]]
     if missing:
@@ -145,7 +154,7 @@ def table_row(report: dict[str, Any], label: str, eps: float | None = None) -> d
     if report.get("worst_case"):
         same = [w for w in report["worst_case"] if _eps_key(w) == _eps_key(entry)]
         wc = float(same[0]["overall"]["accuracy"]) if same else None
-    return {"clean": clean, "R": r, "S": s, "RS": rs, "avg": average(r, s, rs), "wc": wc}
+    return {"clean": clean, "R": r, "S": s, "RS": rs, "avg": average(r, s, rs), "wc": wc, "eps_used": _eps_key(entry)[0]}
 
 
 def compare(reports: list[dict[str, Any]], baseline: int | str = 0, attack: str = "PGD20",
@@ -168,13 +177,52 @@ def compare(reports: list[dict[str, Any]], baseline: int | str = 0, attack: str 
             raise ReportError(f"baseline index {baseline} out of range 0..{len(reports) - 1}")
         base_index = baseline
     rows = [table_row(r, attack, eps) for r in reports]
+    budgets = sorted({row["eps_used"] for row in rows})
+    if len(budgets) > 1:
+        used = ", ".join(f"{n}: {row['eps_used']:g}" for n, row in zip(names, rows))
+        raise ReportError(f"the reports hold {attack} at different budgets ({used} /255); an RI across budgets means "
+                          "nothing: pick one with eps")
     base = rows[base_index]
     out_rows = []
     for name, row in zip(names, rows):
         ri = relative_improvement(row["clean"], row["avg"], base["clean"], base["avg"])
         out_rows.append({"name": name, **row, "ri": ri})
-    return {"schema": COMPARISON_SCHEMA, "attack": attack, "eps": eps, "baseline": names[base_index],
-            "columns": list(COLUMNS), "rows": out_rows}
+    return {"schema": COMPARISON_SCHEMA, "attack": attack, "eps": eps, "eps_used": budgets[0],
+            "baseline": names[base_index], "columns": list(COLUMNS), "rows": out_rows,
+            "warnings": comparison_warnings(reports, names, attack, eps)}
+
+
+def _setting(report: dict[str, Any], attack: str, eps: float | None) -> dict[str, Any]:
+    """What a comparison assumes equal across reports, as this report has it."""
+    data = report.get("dataset") or {}
+    out = {"dataset": data.get("id") or data.get("name") or data.get("cache"), "protocol": data.get("protocol"),
+           "split": data.get("split")}
+    if attack.lower() != WORST_CASE:
+        entry = find_attack(report, attack, eps)
+        out["α"] = (round(float(entry.get("alpha_rgb", 0)) * 255, 3), round(float(entry.get("alpha_skel", 0)) * 255, 3))
+        out["random start"] = entry.get("random_start")
+        out["restarts"] = entry.get("restarts", 1)
+    return out
+
+
+def comparison_warnings(reports: list[dict[str, Any]], names: list[str], attack: str,
+                        eps: float | None) -> list[str]:
+    """One line per setting that differs between the compared reports: the attack's step
+    size, random start or restarts, the dataset, protocol or split."""
+    settings = [_setting(r, attack, eps) for r in reports]
+    warnings = []
+    for key in settings[0]:
+        values = [s[key] for s in settings]
+        if len({json.dumps(v) for v in values}) > 1:
+            shown = ", ".join(f"{n}: {_shown(v)}" for n, v in zip(names, values))
+            warnings.append(f"{key} differs between the reports ({shown}); their rows are not measured alike")
+    return warnings
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "/".join(f"{v:g}" for v in value) + "/255"
+    return str(value)
 
 
 def format_comparison(comparison: dict[str, Any]) -> str:
@@ -182,13 +230,16 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     rows = comparison["rows"]
     width = max([len("Defence")] + [len(r["name"]) for r in rows])
     head = f"{'Defence':<{width}}  " + "  ".join(f"{c:>7}" for c in comparison["columns"])
-    lines = [f"{comparison['attack']} — RI against {comparison['baseline']}", head, "-" * len(head)]
+    budget = comparison.get("eps_used")
+    at = f" at ε = {budget:g}/255" if budget is not None else ""
+    lines = [f"{comparison['attack']}{at} — RI against {comparison['baseline']}", head, "-" * len(head)]
     for r in rows:
         cells = (r["clean"], r["R"], r["S"], r["RS"], r["avg"], r["ri"], r.get("wc"))
         lines.append(f"{r['name']:<{width}}  " + "  ".join("      -" if v is None else f"{v:7.2f}" for v in cells))
     if any(r.get("wc") is not None for r in rows):
         lines.append("WC: overall worst case per clip over the whole suite at this budget (robust only if no "
                      "attack of any mode broke the clip).")
+    lines += [f"warning: {w}" for w in comparison.get("warnings") or []]
     return "\n".join(lines)
 
 

@@ -25,8 +25,7 @@ import math
 from html import escape
 from typing import Any, Sequence
 
-from robustact.models.report import (MODES, WORST_CASE, ReportError, average, compare, find_attack, report_name, table_row,
-                           worst_case_entry)
+from robustact.models.report import MODES, WORST_CASE, ReportError, average, compare, report_name, table_row
 
 VIEWS_SCHEMA = "robustact.views/v1"
 MODE_HEADERS = {"R": "✗R", "S": "✗S", "RS": "✗RS"}
@@ -200,10 +199,6 @@ def defence_table(reports: Reports, baseline: int | str | None = None, attack: s
             kept.append(i)
     table = compare([reports[i] for i in kept], baseline=kept.index(base_index), attack=attack, eps=eps,
                     names=[names[i] for i in kept])
-    # The budget each row was read at (compare takes the first entry when eps is not given).
-    for row, i in zip(table["rows"], kept):
-        entry = worst_case_entry(reports[i], eps) if attack.lower() == WORST_CASE else find_attack(reports[i], attack, eps)
-        row["eps_used"] = _eps255(entry)
     table["skipped"] = skipped
     return table
 

@@ -62,11 +62,20 @@ def test_synth_train_evaluate_compare(cache, tmp_path):
         assert len(report["clean"]["per_class"]) == 3
         reports.append(report_path)
     amr = json.loads(reports[1].read_text())
-    assert len(amr["amr_weights"]) == 2 and all(0 < w["mean_rgb"] < 1 for w in amr["amr_weights"])
+    # The report's AMR weights are the checkpoint's σ(θ), read here straight from the file.
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "amr" / "model" / "model.safetensors"))
+    assert len(amr["amr_weights"]) == 2
+    for i, entry in enumerate(amr["amr_weights"]):
+        for key, name in (("mean_rgb", "w_rgb"), ("mean_skel", "w_skel")):
+            assert entry[key] == pytest.approx(torch.sigmoid(tensors[f"amrs.{i}.{name}"].float()).mean().item(),
+                                               abs=1e-6), (i, key)
 
     out = run("compare", *reports, "--baseline", "none", "--attack", "PGD5")
     lines = out.splitlines()
-    assert lines[0].startswith("PGD5 — RI against none")
+    assert lines[0].startswith("PGD5 at ε = 8/255 — RI against none")
     assert lines[1].split()[-2:] == ["RI", "WC"]
     assert lines[3].split()[-2] == "0.00"  # the baseline's RI
 

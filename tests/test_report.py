@@ -89,3 +89,51 @@ def test_compare_reads_the_worst_case_of_v2_reports(tmp_path):
     assert result.exit_code == 0, result.output
     line = [l for l in result.output.splitlines() if l.startswith("Cascade ")][0]
     assert line.split()[-1] == f"{worst['rows'][1]['wc']:.2f}"
+
+
+# --------------------------------------------------------------------------- comparing budgets (issue 11, item 2)
+
+
+def test_compare_refuses_to_pick_a_budget_and_shows_the_one_used():
+    from robustact.models.report import compare, format_comparison
+    from tests.fixtures.make_view_reports import fusion_report
+
+    a = fusion_report("A")  # PGD20 at 2, 4, 6 and 8 /255
+    b = fusion_report("B", strength=0.5)
+    with pytest.raises(ReportError, match=r"several budgets \(2, 4, 6, 8 /255\); pick one with eps"):
+        compare([a, b], attack="PGD20")
+    table = compare([a, b], attack="PGD20", eps=8)
+    assert table["eps_used"] == 8 and {r["eps_used"] for r in table["rows"]} == {8}
+    assert format_comparison(table).splitlines()[0] == "PGD20 at ε = 8/255 — RI against A"
+    with pytest.raises(ReportError, match=r"no PGD20 results at ε = 3/255 \(has 2, 4, 6, 8 /255\)"):
+        compare([a, b], attack="PGD20", eps=3)
+    # One budget each, but not the same one: refused too, naming each.
+    two, eight = fusion_report("two", eps_list=(2,)), fusion_report("eight", eps_list=(8,))
+    with pytest.raises(ReportError, match=r"different budgets \(two: 2, eight: 8 /255\)"):
+        compare([two, eight], attack="PGD20")
+    assert compare([two, fusion_report("also-two", eps_list=(2,))], attack="PGD20")["eps_used"] == 2
+
+
+def test_compare_warns_when_step_size_random_start_dataset_or_split_differ():
+    import copy
+
+    from robustact.models.report import compare, format_comparison
+    from tests.fixtures.make_view_reports import fusion_report
+
+    a = fusion_report("A", eps_list=(8,))
+    a["dataset"].update({"split": "test", "protocol": "xsub"})
+    same = copy.deepcopy(a)
+    same["model"]["name"] = "same"
+    assert compare([a, same], attack="PGD20")["warnings"] == []
+    other = copy.deepcopy(same)
+    for entry in other["attacks"]:
+        entry["alpha_rgb"] = entry["alpha_skel"] = 1 / 255
+        entry["random_start"] = False
+    other["dataset"].update({"split": "train", "name": "elsewhere"})
+    table = compare([a, other], attack="PGD20")
+    joined = "\n".join(table["warnings"])
+    for word in ("α differs", "random start differs", "dataset differs", "split differs"):
+        assert word in joined, joined
+    assert "A: 2/2/255, same: 1/1/255" in joined
+    assert "protocol" not in joined and "restarts" not in joined
+    assert format_comparison(table).count("\nwarning: ") == 4

@@ -53,13 +53,25 @@ def test_reproduce_small(tmp_path):
     table2 = json.loads((out / "table2.json").read_text())
     assert [r["name"] for r in table2["rows"]] == ["None", "AT-R", "AT-S", "AT-RS", "MinSim", "ExFMem",
                                                   "MinSim+ExFMem", "AMR"]
-    assert table2["rows"][0]["ri"] == 0
+    base = table2["rows"][0]
     for row in table2["rows"]:
         assert row["eps_used"] == 8
         assert row["avg"] == pytest.approx((row["R"] + row["S"] + row["RS"]) / 3)
+        # eq. 14, against the undefended row
+        assert row["ri"] == pytest.approx((row["clean"] + row["avg"]) - (base["clean"] + base["avg"]))
+    assert any(abs(r["ri"]) > 0.5 for r in table2["rows"][1:])
 
     table3 = json.loads((out / "table3.json").read_text())
-    assert [r["index"] for r in table3["rows"]] == [1, 2, 3] and all(0 < r["mean_rgb"] < 1 for r in table3["rows"])
+    assert [r["index"] for r in table3["rows"]] == [1, 2, 3]
+    # Table 3 is the AMR checkpoint's σ(θ), read here straight from the file.
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "runs" / "amr" / "model" / "model.safetensors"))
+    for i, row in enumerate(table3["rows"]):
+        for key, name in (("mean_rgb", "w_rgb"), ("mean_skel", "w_skel")):
+            assert row[key] == pytest.approx(torch.sigmoid(tensors[f"amrs.{i}.{name}"].float()).mean().item(),
+                                             abs=1e-6), (i, key)
 
     table4 = json.loads((out / "table4.json").read_text())
     assert table4["attack"] == plan.cw.upper()

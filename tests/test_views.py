@@ -47,20 +47,23 @@ def test_defence_table_is_the_papers_table_2(dataset):
 
 def test_defence_table_skips_reports_without_the_attack_but_not_the_baseline():
     reports = view_reports()
-    table = defence_table(reports, attack="PGD20")
+    # Several budgets and none named: refused (an RI could mix 2/255 with 8/255).
+    with pytest.raises(ReportError, match=r"several budgets \(2, 4, 6, 8 /255\)"):
+        defence_table(reports, attack="PGD20")
+    table = defence_table(reports, attack="PGD20", eps=2)
     assert table["baseline"] == "None"  # model.defence == "none", not the unimodal ones
     assert [r["name"] for r in table["rows"]] == ["None", "AT-RS", "AMR <3>"]
     assert [s["name"] for s in table["skipped"]] == ["Unimodal-rgb", "Unimodal-skeleton"]
     assert table["skipped"][0]["reason"] == "no PGD20 results (has none)"
-    assert {r["eps_used"] for r in table["rows"]} == {2.0}  # the first budget, as compare does
+    assert {r["eps_used"] for r in table["rows"]} == {2.0}
     at8 = defence_table(reports, attack="PGD20", eps=8)
     assert {r["eps_used"] for r in at8["rows"]} == {8.0}
     assert at8["rows"][2]["ri"] == pytest.approx(
         (at8["rows"][2]["clean"] + at8["rows"][2]["avg"]) - (at8["rows"][0]["clean"] + at8["rows"][0]["avg"]))
     with pytest.raises(ReportError, match="baseline 'Unimodal-rgb'"):
-        defence_table(reports, baseline="Unimodal-rgb")
+        defence_table(reports, baseline="Unimodal-rgb", eps=8)
     with pytest.raises(ReportError, match="not one of"):
-        defence_table(reports, baseline="Nobody")
+        defence_table(reports, baseline="Nobody", eps=8)
 
 
 def test_robustness_curves_have_one_point_per_budget_sorted():

@@ -16,7 +16,8 @@ Layer order, initialisation and the person handling follow the skelact reimpleme
   dropout, conv6 3x3 -> 256 + max-pool 2 + ReLU.
 * Persons are folded into the batch (shared weights); after conv6 the flattened features
   are reduced by an element-wise max over persons, then dropout (skelact's ``drop6``),
-  fc7 256 + ReLU + dropout, fc8.
+  fc7 256 + ReLU + dropout, fc8 (the fusion model takes the fc7 feature before that dropout:
+  its classifier drops out the concatenated features once).
 
 Input skeletons are ``(N, C, T, V, M)`` in [0, 1]; the network maps them to [-1, 1]
 itself with the plain affine ``x * 2 - 1``. Absent bodies (all-zero in [0, 1]) therefore
@@ -124,7 +125,11 @@ class HCN(nn.Module):
         self.drop6 = nn.Dropout(dropout)
         # conv6 leaves 256 x T/16 x 32/16 per person, flattened into fc7.
         _, t6, w6 = self.feature_shapes()["conv6"]
-        self.fc7 = nn.Sequential(nn.Linear(256 * t6 * w6, 256), nn.ReLU(inplace=True), nn.Dropout(dropout))
+        self.fc7 = nn.Sequential(nn.Linear(256 * t6 * w6, 256), nn.ReLU(inplace=True))
+        # fc7's dropout belongs to the classifier, not to the feature: the fusion model returns
+        # the fc7 feature before it and applies its own dropout to the concatenated features
+        # (with it here too, a skeleton unit survived training with probability 0.25).
+        self.drop7 = nn.Dropout(dropout)
         self.fc8 = nn.Linear(256, num_classes) if num_classes > 0 else None
         self._init_weights()
 
@@ -184,14 +189,15 @@ class HCN(nn.Module):
         """Max over persons, fc7 and fc8 on a conv6 map ``(N*M, 256, T', V')``.
 
         ``persons`` is M (default: the constructor's). ``pre_logits=True`` (or
-        ``num_classes=0``) returns the fc7 feature ``(N, 256)`` used by the fusion model.
+        ``num_classes=0``) returns the fc7 feature ``(N, 256)`` used by the fusion model,
+        before fc7's dropout (the fusion classifier has its own).
         """
         m = persons or self.persons
         x = x.reshape(x.shape[0] // m, m, -1).amax(dim=1)
         x = self.fc7(self.drop6(x))
         if pre_logits or self.fc8 is None:
             return x
-        return self.fc8(x)
+        return self.fc8(self.drop7(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, T, V, M)`` in [0, 1] -> logits ``(N, num_classes)``."""

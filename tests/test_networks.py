@@ -131,6 +131,29 @@ def test_hcn_persons_share_weights_and_order_does_not_matter():
         assert torch.allclose(model(x), model(x.flip(-1)), atol=1e-6)
 
 
+def test_the_fused_skeleton_feature_is_dropped_out_once():
+    """The fusion classifier drops out [f_RGB, f_skel] once (p = 0.5 each); the fc7
+    feature it gets must not have been dropped out already (that kept a skeleton unit with
+    probability 0.25). The unimodal HCN keeps its dropout before fc8."""
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", num_classes=K)).train()
+    hcn = model.hcn
+    hcn.drop6.eval()  # the only dropout before fc7 in the head
+    conv6 = torch.rand(2 * 2, 256, *hcn.feature_shapes()["conv6"][1:])
+    features = [hcn.forward_head(conv6, persons=2, pre_logits=True) for _ in range(3)]
+    assert all(torch.equal(features[0], f) for f in features[1:]), "fc7's feature is dropped out in training"
+    unimodal = build_model(preset_config("tiny", num_classes=K, arch="skeleton")).hcn.train()
+    unimodal.drop6.eval()
+    logits = [unimodal.forward_head(conv6, persons=2) for _ in range(2)]
+    assert not torch.equal(logits[0], logits[1]), "unimodal HCN lost its dropout before fc8"
+    # The fusion classifier's own dropout acts on that feature: half the units on average.
+    model.classifier.weight.data.zero_()
+    model.classifier.bias.data.zero_()
+    x = torch.ones(4000, model.classifier.in_features)
+    kept = (model.dropout(x) != 0).float().mean().item()
+    assert kept == pytest.approx(0.5, abs=0.02)
+
+
 def test_hcn_rejects_a_clip_of_the_wrong_length():
     with pytest.raises(ValueError, match="T, V"):
         HCN(K, frames=32)(torch.rand(1, 3, 16, 25, 2))

@@ -19,8 +19,8 @@ vector is reduced with a max over persons, as the skeleton network itself does b
 Parametrisation (not given by the paper, see ``ModelConfig.amr_activation``): the learned
 parameter passes through an activation to give the effective weight. "sigmoid" keeps W in
 (0, 1) (parameter 0 -> W = 0.5, consistent with the 0.31-0.49 means of the paper's
-Table 3); "identity" uses the parameter as is (init 1.0 makes the AMR an exact no-op on
-the features at the start).
+Table 3); "identity" uses the parameter as is, kept in [0, 1] by ``project_`` after every
+optimiser step (the training loop calls it); init 0.5 starts where the sigmoid does.
 """
 
 from __future__ import annotations
@@ -65,6 +65,14 @@ class AMR(nn.Module):
         self.w_rgb = nn.Parameter(torch.full((1, *rgb_shape), float(init)))
         self.w_skel = nn.Parameter(torch.full((1, *skel_shape), float(init)))
         self.fc = nn.Linear(rgb_shape[0] + skel_shape[0], num_classes)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Keep identity-parametrised weights in [0, 1] (projected gradient descent); the
+        sigmoid needs nothing."""
+        if self.activation == "identity":
+            self.w_rgb.clamp_(0.0, 1.0)
+            self.w_skel.clamp_(0.0, 1.0)
 
     def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W_R, W_s)`` after the activation, shaped like the parameters."""

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 ARCHES = ("fusion", "rgb", "skeleton")
-DEFENCES = ("none", "at-r", "at-s", "at-rs", "amr", "minsim", "exfmem", "minsim-exfmem")
+DEFENCES = ("none", "at-r", "at-s", "at-rs", "amr", "amr-frozen", "minsim", "exfmem", "minsim-exfmem")
+# Eq. 12's objective with the AMR heads; "amr-frozen" keeps every AMR's W at its initial
+# value (0.5 under the sigmoid): the ablation that separates the loss from the reweighting.
+AMR_DEFENCES = ("amr", "amr-frozen")
 # Tian & Xu (CVPR 2021) baselines: defences that add the MinSim term / build ExFMem banks.
 MINSIM_DEFENCES = ("minsim", "minsim-exfmem")
 EXFMEM_DEFENCES = ("exfmem", "minsim-exfmem")
@@ -140,6 +143,8 @@ def resolve_model_config(model_cfg: ModelConfig, train_cfg: "TrainConfig") -> Mo
             model_cfg = dataclasses.replace(model_cfg, exfmem_size=EXFMEM_DEFAULT_SIZE)
     elif model_cfg.exfmem_size:
         raise ConfigError("exfmem_size", f"memory banks need defence exfmem or minsim-exfmem, not {defence!r}")
+    if defence == "amr-frozen" and not model_cfg.num_amr:
+        raise ConfigError("num_amr", "amr-frozen freezes the AMR weights: it needs at least one AMR")
     return model_cfg
 
 
@@ -267,7 +272,13 @@ class TrainConfig:
     # `minsim_dim` dimensions (see models/baselines.py).
     minsim_beta: float = 1.0
     minsim_dim: int = 128
-
+    # MinSim's unimodal compactness term: weight γ of each modality's batch-mean cosine
+    # distance of a feature to its class centroid in the batch (same projections; see
+    # models/baselines.py). 0 gives the cross-modal term alone (before issue 11).
+    minsim_gamma: float = 1.0
+    # Weight decay on the AMR weights θ. Off by default: with it, θ is pulled to 0 and so
+    # W = σ(θ) to 0.5, and the weights barely move (means 0.4998–0.5022 after 20 epochs).
+    amr_weight_decay: bool = False
     def __post_init__(self):
         if self.defence not in DEFENCES:
             raise ConfigError("defence", f"must be one of {DEFENCES}, got {self.defence!r}")
@@ -285,12 +296,15 @@ class TrainConfig:
             raise ConfigError("minsim_beta", "must be >= 0")
         if self.minsim_dim < 1:
             raise ConfigError("minsim_dim", "must be at least 1")
+        if self.minsim_gamma < 0:
+            raise ConfigError("minsim_gamma", "must be >= 0")
 
     @property
     def attack_mode(self) -> str | None:
         """Modalities attacked by the inner maximisation, or None for clean training
         (MinSim and ExFMem train on clean inputs, as in Tian & Xu)."""
-        return {"none": None, "at-r": "R", "at-s": "S", "at-rs": "RS", "amr": "RS"}.get(self.defence)
+        return {"none": None, "at-r": "R", "at-s": "S", "at-rs": "RS", "amr": "RS",
+                "amr-frozen": "RS"}.get(self.defence)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

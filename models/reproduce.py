@@ -200,7 +200,7 @@ class ModelSpec:
 
     @property
     def adversarial(self) -> bool:
-        return self.defence in ("at-r", "at-s", "at-rs", "amr")
+        return self.defence in ("at-r", "at-s", "at-rs", "amr", "amr-frozen")
 
 
 def model_specs(plan: ReproducePlan) -> list[ModelSpec]:
@@ -219,6 +219,9 @@ def model_specs(plan: ReproducePlan) -> list[ModelSpec]:
         ModelSpec("at-s", "AT-S", defence="at-s", suites=(standard,)),
         ModelSpec("at-rs", "AT-RS", defence="at-rs", suites=(standard,)),
         ModelSpec("amr", "AMR", defence="amr", num_amr=plan.num_amr, suites=(standard,)),
+        # The ablation: eq. 12 and the AMR heads with W fixed at 0.5 (is it the reweighting
+        # or the loss?), in Table 4 beside the AMR model.
+        ModelSpec("amr-frozen", "AMR, W frozen", defence="amr-frozen", num_amr=plan.num_amr, suites=(standard,)),
     ]
     for n in plan.amr_counts:
         if n not in (0, plan.num_amr):
@@ -603,11 +606,13 @@ def write_outputs(plan: ReproducePlan, out: str | Path) -> list[str]:
                                  "paper": PAPER["table3"]}, "\n".join(md))
 
     # Table 4: number of AMRs against CW30 (0 = AT-RS).
-    t4_keys = ["none", *(amr_count_key(plan, n) for n in sorted(plan.amr_counts))]
-    t4_names = ["None", *(("AT-RS (0 AMR)" if n == 0 else f"{n} AMR" + ("s" if n > 1 else "")) for n in sorted(plan.amr_counts))]
+    t4_keys = ["none", *(amr_count_key(plan, n) for n in sorted(plan.amr_counts)), "amr-frozen"]
+    t4_names = ["None", *(("AT-RS (0 AMR)" if n == 0 else f"{n} AMR" + ("s" if n > 1 else "")) for n in sorted(plan.amr_counts)),
+                f"{plan.num_amr} AMRs, W frozen at 0.5"]
     view4 = views.defence_table([reports[k] for k in t4_keys], baseline=0, attack=cw, eps=plan.eps, names=t4_names)
-    for row, n in zip(view4["rows"], [None, *sorted(plan.amr_counts)]):
+    for row, n in zip(view4["rows"], [None, *sorted(plan.amr_counts), plan.num_amr]):
         row["num_amr"] = n
+    view4["rows"][-1]["frozen"] = True
     md = [f"# Table 4 — number of AMRs against {cw} (ε = {_fmt(plan.eps)}/255), RI against None", "", scale, "",
           markdown_table(["Defence", "AMRs", "✓RS", "✗R", "✗S", "✗RS", "Avg", "RI"],
                          _comparison_rows(view4["rows"], extra=("num_amr",))),

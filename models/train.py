@@ -9,8 +9,15 @@ Objectives, per mini-batch (x_R, x_s, y):
 * ``amr`` — eq. 12: L = CE(ŷ, y) + λ·L_AMR, ŷ = f(x_R, x_s) on natural inputs and
   L_AMR = CE(y', y) + (1/S)·Σ_i CE(y*_i, y) on the adversarial inputs (eq. 11), y*_i the
   auxiliary prediction of AMR i. With S = 0 the auxiliary term is absent.
-* ``minsim`` / ``minsim-exfmem`` — Tian & Xu's dissimilarity constraint on clean inputs:
-  CE(f(x_R, x_s), y) + β·mean_b cos(P_R f_R, P_s f_s) (``models.baselines``).
+* ``amr-frozen`` — the same objective and heads with every AMR's W fixed at its initial
+  value (0.5): the ablation that tells the reweighting's share of AMR's gain from the loss's.
+* ``minsim`` / ``minsim-exfmem`` — Tian & Xu's constraint on clean inputs: multimodal
+  dispersion and unimodal compactness, CE(f(x_R, x_s), y) + β·mean_b cos(P_R f_R, P_s f_s)
+  + γ·(compactness_R + compactness_s)/2 (``models.baselines``).
+
+The AMR weights θ get no weight decay unless ``TrainConfig.amr_weight_decay`` (decay pulls
+θ to 0, i.e. W = σ(θ) to 0.5); identity-parametrised weights are projected onto [0, 1]
+after every step.
 * ``exfmem`` — clean cross-entropy; ``exfmem`` and ``minsim-exfmem`` then fill the model's
   ExFMem memory banks with training features after the last epoch (``build_memory_banks``).
 
@@ -38,8 +45,8 @@ from torch.utils.data import DataLoader
 
 from .attacks import attack
 from .checkpoint import replace_dir, resolve_device, save_checkpoint, state_tensors, write_json
-from .baselines import minsim_similarity
-from .config import EXFMEM_DEFENCES, MINSIM_DEFENCES, ModelConfig, TrainConfig, resolve_model_config
+from .baselines import MINSIM_SEED, minsim_compactness, minsim_similarity
+from .config import AMR_DEFENCES, EXFMEM_DEFENCES, MINSIM_DEFENCES, ModelConfig, TrainConfig, resolve_model_config
 from .distributed import RankBatches, Ranks, check_global_batch, check_sync_batchnorm
 from .fusion import build_model
 
@@ -79,11 +86,16 @@ def training_loss(model, train_cfg: TrainConfig, rgb, skel, labels, adv_rgb=None
         f_rgb, f_skel, _ = model.forward_features(rgb, skel)
         logits = model.classify(f_rgb, f_skel)
         similarity = minsim_similarity(f_rgb, f_skel, train_cfg.minsim_dim)
-        return F.cross_entropy(logits, labels) + train_cfg.minsim_beta * similarity, logits
+        loss = F.cross_entropy(logits, labels) + train_cfg.minsim_beta * similarity
+        if train_cfg.minsim_gamma:
+            compact = (minsim_compactness(f_rgb, labels, train_cfg.minsim_dim, MINSIM_SEED)
+                       + minsim_compactness(f_skel, labels, train_cfg.minsim_dim, MINSIM_SEED + 1)) / 2
+            loss = loss + train_cfg.minsim_gamma * compact
+        return loss, logits
     if adv_rgb is None:
         out = model(rgb, skel)
         return F.cross_entropy(out.logits, labels), out.logits
-    if train_cfg.defence != "amr":
+    if train_cfg.defence not in AMR_DEFENCES:
         out = model(adv_rgb, adv_skel)
         return F.cross_entropy(out.logits, labels), out.logits
     natural = model(rgb, skel)
@@ -92,6 +104,34 @@ def training_loss(model, train_cfg: TrainConfig, rgb, skel, labels, adv_rgb=None
     if adversarial.aux:
         loss_amr = loss_amr + sum(F.cross_entropy(a, labels) for a in adversarial.aux) / len(adversarial.aux)
     return F.cross_entropy(natural.logits, labels) + train_cfg.lam * loss_amr, natural.logits
+
+
+def amr_weight_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The AMR weights θ (``w_rgb``, ``w_skel`` of every AMR), not their auxiliary heads."""
+    return [p for amr in getattr(model, "amrs", []) for p in (amr.w_rgb, amr.w_skel)]
+
+
+def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (or Adam) over the trainable parameters. Two groups: everything else with
+    ``weight_decay``, and the AMR weights θ without it unless ``amr_weight_decay``. Under
+    ``amr-frozen`` the AMR weights are frozen (``requires_grad`` off) and left out."""
+    weights = amr_weight_parameters(model)
+    if train_cfg.defence == "amr-frozen":
+        for p in weights:
+            p.requires_grad_(False)
+        weights = []
+    skip = {id(p) for p in amr_weight_parameters(model)}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in skip and p.requires_grad]}]
+    if weights:
+        groups.append({"params": weights, "weight_decay": train_cfg.weight_decay if train_cfg.amr_weight_decay else 0.0})
+    if train_cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+
+
+def project_amr_weights(model: nn.Module) -> None:
+    for amr in getattr(model, "amrs", []):
+        amr.project_()
 
 
 class TrainingStep(nn.Module):
@@ -204,11 +244,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
     model = build_model(model_cfg).to(device)
     if sync_batchnorm and ranks.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if train_cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum,
-                                    weight_decay=train_cfg.weight_decay)
+    optimizer = build_optimizer(model, train_cfg)
     start_epoch, history = 0, []
     last = out_dir / LAST_DIR
     # Rank 0 reads last/ and hands it to the others: only its machine needs the run directory.
@@ -222,7 +258,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
         start_epoch, history = state["epoch"], state["history"]
     # One DDP forward per step; the AMR heads get no gradient unless the AMR loss uses them.
     net = ranks.wrap(TrainingStep(model, train_cfg),
-                     find_unused_parameters=bool(len(model.amrs)) and train_cfg.defence != "amr")
+                     find_unused_parameters=bool(len(model.amrs)) and train_cfg.defence not in AMR_DEFENCES)
 
     generator = torch.Generator().manual_seed(train_cfg.seed)
     loader = DataLoader(dataset, batch_sampler=RankBatches(dataset, train_cfg.batch_size, generator, ranks.rank,
@@ -261,6 +297,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            project_amr_weights(model)
             if not sync_batchnorm:
                 ranks.average_batchnorm_statistics(model)
             total_loss += step_loss

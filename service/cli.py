@@ -149,7 +149,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Run directory: last/ (per-epoch checkpoint for resume) and model/ (final checkpoint).")],
     preset: Annotated[str, typer.Option(help="Network size and input geometry: tiny (CPU-sized) or paper (full I3D, 64×224×224).")] = "tiny",
     arch: Annotated[str, typer.Option(help="fusion (RGB + skeleton), rgb (unimodal I3D) or skeleton (unimodal HCN).")] = "fusion",
-    defence: Annotated[str, typer.Option(help="none, at-r, at-s, at-rs (Madry AT on ✗R/✗S/✗RS), amr (eq. 12), or the "
+    defence: Annotated[str, typer.Option(help="none, at-r, at-s, at-rs (Madry AT on ✗R/✗S/✗RS), amr (eq. 12), amr-frozen (eq. 12 with W fixed at 0.5: the ablation), or the "
                                               "Tian & Xu baselines minsim, exfmem, minsim-exfmem (clean training; fusion only).")] = "amr",
     num_amr: Annotated[int, typer.Option(help="Number of AMRs, 0-3, counted back from the classifier (only with defence amr).")] = 3,
     lam: Annotated[float, typer.Option(help="λ of eq. 12 (weight of the AMR loss).")] = 1.0,
@@ -163,9 +163,11 @@ def train(
     eps: Annotated[float, typer.Option(help="Training budget ε for both modalities, in 1/255 units.")] = 8.0,
     alpha: Annotated[float, typer.Option(help="PGD step size α, in 1/255 units.")] = 2.0,
     amr_activation: Annotated[str, typer.Option(help="AMR weight parametrisation: sigmoid (W = σ(θ)) or identity (W = θ).")] = "sigmoid",
-    amr_init: Annotated[Optional[float], typer.Option(help="Initial θ of the AMR weights (default 0 for sigmoid, 1 for identity).")] = None,
+    amr_init: Annotated[Optional[float], typer.Option(help="Initial θ of the AMR weights (default 0 for sigmoid, 0.5 for identity: W = 0.5 either way).")] = None,
+    amr_weight_decay: Annotated[bool, typer.Option(help="Apply --weight-decay to the AMR weights θ too (off: decay pulls σ(θ) to 0.5 and the weights barely move).")] = False,
     minsim_beta: Annotated[float, typer.Option(help="MinSim: weight β of the batch-mean cross-modal cosine similarity.")] = 1.0,
     minsim_dim: Annotated[int, typer.Option(help="MinSim: common dimension of the fixed random projections of both features.")] = 128,
+    minsim_gamma: Annotated[float, typer.Option(help="MinSim: weight γ of the unimodal compactness term (each modality's features pulled to their class centroid).")] = 1.0,
     exfmem_size: Annotated[int, typer.Option(help="ExFMem: training features kept per modality (memory bank size).")] = 512,
     exfmem_lambda: Annotated[float, typer.Option(help="ExFMem: L1 weight λ of the ISTA sparse coding (unit-norm features).")] = 0.05,
     exfmem_mix: Annotated[float, typer.Option(help="ExFMem: mix a of a·Dh + (1−a)·f.")] = 0.5,
@@ -189,15 +191,16 @@ def train(
         from contextlib import nullcontext
         from functools import partial
 
-        from robustact.models.config import EXFMEM_DEFENCES, AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
+        from robustact.models.config import (AMR_DEFENCES, EXFMEM_DEFENCES, AttackConfig, ConfigError, TrainConfig,
+                                             preset_config, resolve_model_config)
         from robustact.models.data.cache import ClipDataset
         from robustact.models.distributed import DistributedError, torchrun_rank, train_data_parallel
         from robustact.models.train import train as run_training
 
-        if defence != "amr" and num_amr:
+        if defence not in AMR_DEFENCES and num_amr:
             num_amr = 0  # AMR modules only exist with the AMR objective
         if amr_init is None:
-            amr_init = 0.0 if amr_activation == "sigmoid" else 1.0
+            amr_init = 0.0 if amr_activation == "sigmoid" else 0.5  # W = 0.5 either way
         dataset = _open_dataset(data, protocol, "train")
         model_cfg = preset_config(preset, arch=arch, num_classes=len(dataset.class_names), num_amr=num_amr,
                                   amr_activation=amr_activation, amr_init=amr_init,
@@ -208,7 +211,8 @@ def train(
                                 momentum=momentum, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                                 attack=AttackConfig(name="pgd", mode="RS", steps=attack_steps, eps_rgb=eps / 255,
                                                     eps_skel=eps / 255, alpha_rgb=alpha / 255, alpha_skel=alpha / 255),
-                                minsim_beta=minsim_beta, minsim_dim=minsim_dim)
+                                minsim_beta=minsim_beta, minsim_dim=minsim_dim, minsim_gamma=minsim_gamma,
+                                amr_weight_decay=amr_weight_decay)
         model_cfg = resolve_model_config(model_cfg, train_cfg)
         if protocol not in ("xsub", "xview"):
             raise ConfigError("protocol", "must be xsub or xview")

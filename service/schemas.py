@@ -348,7 +348,8 @@ class SweepCreate(RequestBody):
     name: str | None = Field(None, max_length=MAX_ID_LENGTH,
                              description="name of the sweep (default: preset or kind-grid)")
     preset: Literal[SWEEP_PRESETS] | None = Field(  # type: ignore[valid-type]
-        None, description="table4: at-rs with 0 AMRs, amr with 1, 2, 3 AMRs (the paper's Table 4); "
+        None, description="table4: at-rs with 0 AMRs, amr with 1, 2, 3 AMRs (the paper's Table 4), and "
+                          "amr-frozen with 3 (W fixed: the reweighting's share); "
                           "table5: amr, 1 AMR, λ ∈ {0.1, 0.5, 1, 2, 5} (Table 5). Train sweeps only; "
                           "crossed with ``grid`` when both are given")
     base: dict[str, Any] = Field(max_length=MAX_BASE_FIELDS,

@@ -166,3 +166,110 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).* at epoch \d+, step \d+ \(lr"):
         train(cfg, tc, data, tmp_path / "run", preset="tiny")
     assert not (tmp_path / "run" / "model").exists()
+
+
+# --------------------------------------------------------------------------- AMR weights, amr-frozen, MinSim (issue 11)
+
+
+def test_amr_weights_get_no_weight_decay_unless_asked():
+    """Weight decay pulls θ to 0, i.e. σ(θ) to 0.5: with zero gradients, one step leaves
+    θ alone by default and shrinks it with amr_weight_decay; other weights decay both ways."""
+    from robustact.models.train import amr_weight_parameters, build_optimizer
+
+    cfg = preset_config("tiny", num_classes=K, num_amr=2)
+    for decay, expected in ((False, 1.0), (True, 1.0 - 0.5 * 0.1)):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        tc = TrainConfig(defence="amr", lr=0.5, weight_decay=0.1, momentum=0.0, amr_weight_decay=decay)
+        optimizer = build_optimizer(model, tc)
+        for p in amr_weight_parameters(model):
+            p.data.fill_(1.0)
+        other = model.classifier.weight.detach().clone()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        for p in amr_weight_parameters(model):
+            assert torch.allclose(p, torch.full_like(p, expected)), (decay, p.flatten()[:3])
+        assert torch.allclose(model.classifier.weight, other * (1 - 0.05))
+
+
+def test_identity_amr_weights_start_at_half_and_stay_in_the_unit_interval(tmp_path):
+    from robustact.models.train import build_optimizer, project_amr_weights
+
+    cfg = preset_config("tiny", num_classes=K, num_amr=1, amr_activation="identity", amr_init=0.5)
+    model = build_model(cfg)
+    amr = model.amrs[0]
+    assert torch.equal(amr.effective_weights()[0], torch.full_like(amr.w_rgb, 0.5))
+    optimizer = build_optimizer(model, TrainConfig(defence="amr", lr=1.0, momentum=0.0))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    amr.w_rgb.grad.fill_(-3.0)  # a step to 3.5
+    amr.w_skel.grad.fill_(+3.0)  # a step to -2.5
+    optimizer.step()
+    project_amr_weights(model)
+    assert amr.w_rgb.min() == 1.0 and amr.w_skel.max() == 0.0
+    # and the training loop projects after every step
+    data = TensorClips(cfg, n=8)
+    tc = TrainConfig(defence="amr", epochs=1, batch_size=4, lr=5.0, attack=FAST_ATTACK)
+    train(cfg, tc, data, tmp_path / "run", preset="tiny")
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    theta = torch.cat([weights["amrs.0.w_rgb"].flatten(), weights["amrs.0.w_skel"].flatten()])
+    assert theta.min() >= 0.0 and theta.max() <= 1.0 and not torch.all(theta == 0.5)
+
+
+def test_amr_frozen_is_the_amr_objective_with_fixed_weights(tmp_path):
+    cfg = preset_config("tiny", num_classes=K, num_amr=2)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    data = TensorClips(cfg, n=4)
+    losses = [objective(model, TrainConfig(defence=d, lam=0.7, attack=FAST_ATTACK), data.rgb, data.skel,
+                        data.labels, attack_seed=5)[0].item() for d in ("amr", "amr-frozen")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    with pytest.raises(ConfigError, match="num_amr"):
+        from robustact.models.config import resolve_model_config
+
+        resolve_model_config(preset_config("tiny", num_classes=K), TrainConfig(defence="amr-frozen"))
+    data = TensorClips(cfg, n=8)
+    train(cfg, TrainConfig(defence="amr-frozen", epochs=2, batch_size=4, attack=FAST_ATTACK), data,
+          tmp_path / "frozen", preset="tiny")
+    train(cfg, TrainConfig(defence="amr", epochs=2, batch_size=4, attack=FAST_ATTACK), data, tmp_path / "amr",
+          preset="tiny")
+    frozen = load_file(str(tmp_path / "frozen" / "model" / "model.safetensors"))
+    moved = load_file(str(tmp_path / "amr" / "model" / "model.safetensors"))
+    for i in range(2):
+        for name in ("w_rgb", "w_skel"):
+            assert torch.equal(frozen[f"amrs.{i}.{name}"], torch.zeros_like(frozen[f"amrs.{i}.{name}"]))  # σ = 0.5
+            assert not torch.equal(moved[f"amrs.{i}.{name}"], torch.zeros_like(moved[f"amrs.{i}.{name}"]))
+    heads = [k for k in frozen if k.startswith("amrs.") and not k.endswith(("w_rgb", "w_skel"))]
+    assert heads and all(not torch.equal(frozen[k], moved[k]) for k in heads[:1])
+
+
+def test_minsim_compactness_term():
+    from robustact.models.baselines import MINSIM_SEED, minsim_compactness, minsim_projection
+
+    torch.manual_seed(0)
+    f = torch.randn(6, 40)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    z = F.normalize(f @ minsim_projection(40, 16, MINSIM_SEED), dim=1)
+    expected = []
+    for i in range(6):
+        same = z[labels == labels[i]].mean(0)
+        expected.append(1 - F.cosine_similarity(z[i], same, dim=0))
+    assert minsim_compactness(f, labels, 16).item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    # one direction per class: nothing to compact
+    tight = torch.cat([f[:1].repeat(2, 1), 3 * f[2:3].repeat(3, 1), f[5:6]])
+    assert minsim_compactness(tight, labels, 16).item() == pytest.approx(0.0, abs=1e-6)
+    # and the MinSim loss adds it with weight γ (half the sum over the two modalities)
+    cfg = preset_config("tiny", num_classes=K)
+    model = build_model(cfg).eval()
+    data = TensorClips(cfg, n=6)
+    with torch.no_grad():
+        base = objective(model, TrainConfig(defence="minsim", minsim_gamma=0.0), data.rgb, data.skel, data.labels, 0)[0]
+        full = objective(model, TrainConfig(defence="minsim", minsim_gamma=2.0), data.rgb, data.skel, data.labels, 0)[0]
+        f_rgb, f_skel, _ = model.forward_features(data.rgb, data.skel)
+        compact = (minsim_compactness(f_rgb, data.labels, 128, MINSIM_SEED)
+                   + minsim_compactness(f_skel, data.labels, 128, MINSIM_SEED + 1)) / 2
+    assert compact.item() > 1e-3  # ReLU features of an untrained net point much the same way
+    assert (full - base).item() == pytest.approx(2.0 * compact.item(), abs=1e-5)

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from robustact.models.config import AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
+from robustact.models.config import AMR_DEFENCES, AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
 from robustact.models.evaluate import build_suite, check_suite, default_strategy
 from robustact.service.api.datasets import dataset_or_404
 from robustact.service.api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, invalid
@@ -142,7 +142,7 @@ def _train_params(session: Session, body: TrainJobCreate, caller: Caller) -> tup
     protocol = body.protocol or dataset.protocol
     if not dataset.info["splits"][protocol]["train"]:
         invalid("protocol", f"dataset {dataset.name!r} has no training sample under {protocol}", protocol)
-    num_amr = body.num_amr if body.num_amr is not None else (3 if body.defence == "amr" else 0)
+    num_amr = body.num_amr if body.num_amr is not None else (3 if body.defence in AMR_DEFENCES else 0)
     try:
         model_cfg = preset_config(body.preset, arch=body.arch, num_classes=len(dataset.info["class_names"]),
                                   num_amr=num_amr)

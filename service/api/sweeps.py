@@ -3,7 +3,7 @@ reported on as one.
 
 A sweep is ``base`` (a train or evaluate job body) with every combination of the ``grid``
 values laid over it (cartesian product), optionally crossed with the rows of a preset
-(``table4``: AMRs 0–3, ``table5``: λ ∈ {0.1, 0.5, 1, 2, 5}). Every combination is validated
+(``table4``: AMRs 0–3 and amr-frozen, ``table5``: λ ∈ {0.1, 0.5, 1, 2, 5}). Every combination is validated
 by the same code as ``POST /v1/jobs`` before anything is written (one bad combination is a
 422 naming the field, and nothing is created); then the group and all its jobs are
 committed in one transaction and sent to the broker.
@@ -41,7 +41,8 @@ MAX_SWEEP_JOBS = 64
 # of AMRs (0 is adversarial training of both modalities without AMR), Table 5 the AMR loss
 # weight λ with one AMR.
 PRESETS: dict[str, list[dict[str, Any]]] = {
-    "table4": [{"defence": "at-rs", "num_amr": 0}] + [{"defence": "amr", "num_amr": n} for n in (1, 2, 3)],
+    "table4": [{"defence": "at-rs", "num_amr": 0}] + [{"defence": "amr", "num_amr": n} for n in (1, 2, 3)]
+    + [{"defence": "amr-frozen", "num_amr": 3}],
     "table5": [{"defence": "amr", "num_amr": 1, "lam": lam} for lam in (0.1, 0.5, 1.0, 2.0, 5.0)],
 }
 SCHEMAS = {"train": TrainJobCreate, "evaluate": EvaluateJobCreate}

@@ -71,16 +71,16 @@ def _loc(r) -> list[str]:
 def test_table4_preset_is_one_request(api):
     before = _counts(api)
     sweep = _sweep(api, kind="train", preset="table4", base={"dataset_id": "tiny3", "epochs": 2})
-    assert _counts(api) == (before[0] + 1, before[1] + 4)
-    assert sweep["status"] == "queued" and sweep["total"] == 4 and sweep["counts"]["queued"] == 4
+    assert _counts(api) == (before[0] + 1, before[1] + 5)
+    assert sweep["status"] == "queued" and sweep["total"] == 5 and sweep["counts"]["queued"] == 5
     assert sweep["name"] == "table4" and sweep["preset"] == "table4"
-    assert sweep["grid"] == {"defence": ["at-rs", "amr"], "num_amr": [0, 1, 2, 3]}
+    assert sweep["grid"] == {"defence": ["at-rs", "amr", "amr-frozen"], "num_amr": [0, 1, 2, 3]}
     assert [j["varied"] for j in sweep["jobs"]] == [
         {"defence": "at-rs", "num_amr": 0}, {"defence": "amr", "num_amr": 1}, {"defence": "amr", "num_amr": 2},
-        {"defence": "amr", "num_amr": 3}]
+        {"defence": "amr", "num_amr": 3}, {"defence": "amr-frozen", "num_amr": 3}]
     jobs = _jobs(api, sweep)
     assert [(j["params"]["train_config"]["defence"], j["params"]["model_config"]["num_amr"]) for j in jobs] == [
-        ("at-rs", 0), ("amr", 1), ("amr", 2), ("amr", 3)]
+        ("at-rs", 0), ("amr", 1), ("amr", 2), ("amr", 3), ("amr-frozen", 3)]
     assert all(j["group_id"] == sweep["id"] and j["links"]["sweep"] == f"/v1/sweeps/{sweep['id']}" for j in jobs)
     assert {j["params"]["train_config"]["epochs"] for j in jobs} == {2}
     assert api.get(f"/v1/sweeps/{sweep['id']}").json() == sweep
@@ -160,7 +160,7 @@ def test_too_large_a_grid_is_422(api, unchanged):
     assert r.status_code == 422 and _loc(r) == ["body", "grid"] and "65 jobs" in r.text and "64" in r.text
     r = api.post("/v1/sweeps", json={"kind": "train", "preset": "table4", "base": {"dataset_id": "tiny3"},
                                      "grid": {"seed": list(range(16)), "lam": [1, 2]}})
-    assert r.status_code == 422 and "128 jobs" in r.text
+    assert r.status_code == 422 and "160 jobs" in r.text
 
 
 def test_unknown_ids_are_404(api, unchanged):

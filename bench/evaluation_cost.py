@@ -74,7 +74,7 @@ def main() -> None:
     print(f"data + training: {time.perf_counter() - t0:.0f}s ({work})", flush=True)
 
     model, meta = load_checkpoint(model_dir)
-    test = ClipDataset(cache, protocol="xsub", split="test")
+    test = ClipDataset(cache, protocol="xsub", split="test", normalisation=meta["normalisation"])
     if args.limit is not None and args.limit < len(test):
         test = test.subset(args.limit, seed=0)
     suite = build_suite(["fgsm", "pgd20", "cw30", "apgd-ce", "apgd-dlr", f"square{args.square_queries}"],

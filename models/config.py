@@ -279,6 +279,10 @@ class TrainConfig:
     # Weight decay on the AMR weights θ. Off by default: with it, θ is pulled to 0 and so
     # W = σ(θ) to 0.5, and the weights barely move (means 0.4998–0.5022 after 20 epochs).
     amr_weight_decay: bool = False
+    # Learning rate of the AMR weights θ as a multiple of ``lr`` (1: the same). Under Adam a
+    # step moves θ by about lr whatever the gradient's size, so at lr 1e-3 θ can only drift
+    # ~0.26 in 260 steps, and W = σ(θ) a quarter of that (bench/amr_weights.py).
+    amr_lr_scale: float = 1.0
     def __post_init__(self):
         if self.defence not in DEFENCES:
             raise ConfigError("defence", f"must be one of {DEFENCES}, got {self.defence!r}")
@@ -298,6 +302,8 @@ class TrainConfig:
             raise ConfigError("minsim_dim", "must be at least 1")
         if self.minsim_gamma < 0:
             raise ConfigError("minsim_gamma", "must be >= 0")
+        if self.amr_lr_scale <= 0:
+            raise ConfigError("amr_lr_scale", "must be positive")
 
     @property
     def attack_mode(self) -> str | None:

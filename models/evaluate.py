@@ -241,6 +241,24 @@ class ClipRecords:
                 **{k: getattr(self, k).tolist() for k in self.ARRAYS}}
 
 
+def check_normalisation(dataset, meta: dict[str, Any]) -> None:
+    """Refuse a dataset (or a Subset of one) whose skeleton constants differ from the
+    checkpoint's ``normalisation``."""
+    norm = meta.get("normalisation")
+    base = dataset
+    while isinstance(base, Subset):
+        base = base.dataset
+    if not norm or not hasattr(base, "skel_min"):
+        return
+    have = [float(v) for v in (*base.skel_min, *base.skel_max)]
+    want = [float(v) for v in (*norm["skel_min"], *norm["skel_max"])]
+    if any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(have, want)):
+        raise ValueError(f"the dataset scales skeletons with skel_min {list(base.skel_min)}, skel_max "
+                         f"{list(base.skel_max)}; the model was trained with {norm['skel_min']}, {norm['skel_max']}: "
+                         "open it with the checkpoint's normalisation (ClipDataset(..., "
+                         "normalisation=meta['normalisation']))")
+
+
 def clip_identities(dataset) -> list[int]:
     """Stable clip ids: positions in the prepared cache when the dataset knows them."""
     if isinstance(dataset, Subset):
@@ -524,9 +542,15 @@ def evaluate(model, meta: dict[str, Any], dataset, suite: list[AttackConfig], *,
              model_info: dict[str, Any] | None = None, num_workers: int = 0) -> tuple[dict[str, Any], ClipRecords]:
     """Run the suite and aggregate: returns ``(report, records)``; the report
     (``robustact.report/v2``) is derived from the records alone (plus identity fields).
-    ``num_workers``: DataLoader processes loading clips (see ``run_records``)."""
+    ``num_workers``: DataLoader processes loading clips (see ``run_records``).
+
+    A dataset that scales skeletons with other constants than the checkpoint's
+    ``normalisation`` is refused (open a cache with ``ClipDataset(...,
+    normalisation=meta["normalisation"])``): the model would see other inputs than it was
+    trained on, and ε_S would have another physical size."""
     from .report import build_report
 
+    check_normalisation(dataset, meta)
     t0 = time.perf_counter()
     records = run_records(model, dataset, suite, batch_size=batch_size, seed=seed, strategy=strategy,
                           diagnostics=diagnostics, device=device, progress=progress, should_stop=should_stop,

@@ -262,6 +262,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(row("worst case", f"{w['eps_rgb'] * 255:g}/255",
                          [w["modes"].get(m, {}).get("accuracy") for m in MODES])
                      + f"   overall {w['overall']['accuracy']:.2f}")
+    for w in report.get("worst_case") or []:
+        if w.get("eps_skel_metres"):
+            x, y, z = (1000 * v for v in w["eps_skel_metres"])
+            lines.append(f"ε_S = {w['eps_skel'] * 255:g}/255 moves a joint by at most {x:.1f} / {y:.1f} / {z:.1f} mm "
+                         "along x / y / z (the model's skeleton scaling)")
     if (report.get("config") or {}).get("strategy") == "worst-case":
         lines.append("(worst-case cascade: per-attack columns shown as - are incomplete by design)")
     for flag in (report.get("diagnostics") or {}).get("flags", []):
@@ -291,6 +296,15 @@ def _key_without(cfg: dict[str, Any], *names: str) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k not in names}, sort_keys=True)
 
 
+def eps_skel_metres(eps_skel: float, meta: dict[str, Any]) -> list[float] | None:
+    """ε_S in metres per axis (x, y, z): a skeleton coordinate in [0, 1] spans the
+    checkpoint's (skel_max − skel_min) metres on its axis. None without normalisation."""
+    norm = meta.get("normalisation")
+    if not norm:
+        return None
+    return [round(float(eps_skel) * (float(hi) - float(lo)), 6) for lo, hi in zip(norm["skel_min"], norm["skel_max"])]
+
+
 def build_report(records, meta: dict[str, Any], *, dataset_info: dict[str, Any] | None = None,
                  model_info: dict[str, Any] | None = None, amr_weights: list | None = None,
                  config: dict[str, Any] | None = None, seconds: float | None = None) -> dict[str, Any]:
@@ -317,6 +331,7 @@ def build_report(records, meta: dict[str, Any], *, dataset_info: dict[str, Any] 
                                              "broken": int(broken[:, e].sum()), "complete": complete}
     attacks = list(groups.values())
     for entry in attacks:
+        entry["eps_skel_metres"] = eps_skel_metres(entry["eps_skel"], meta)
         accs = [entry["modes"].get(m, {}).get("accuracy") for m in MODES]
         if None not in accs:
             entry["avg"] = average(*accs)
@@ -333,7 +348,7 @@ def build_report(records, meta: dict[str, Any], *, dataset_info: dict[str, Any] 
             # An R-only or S-only perturbation is also an RS perturbation of the same budget.
             mcols = cols if m == "RS" else [e for e in cols if suite[e]["mode"] == m]
             modes[m] = _accuracy(clean_ok & ~broken[:, mcols].any(axis=1), labels, num_classes)
-        worst.append({"eps_rgb": eps_rgb, "eps_skel": eps_skel,
+        worst.append({"eps_rgb": eps_rgb, "eps_skel": eps_skel, "eps_skel_metres": eps_skel_metres(eps_skel, meta),
                       "attacks": sorted({_label(suite[e]) for e in cols}), "modes": modes,
                       "overall": _accuracy(clean_ok & ~any_broken, labels, num_classes)})
     if worst and all(set(w["modes"]) == set(MODES) for w in worst):

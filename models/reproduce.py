@@ -447,7 +447,7 @@ def _run_stage(plan, out: Path, cache: Path, stage: Stage, device, step) -> str:
 
         model_dir = out / "runs" / stage.key / "model"
         net, meta = load_checkpoint(model_dir)
-        dataset = ClipDataset(cache, protocol="xsub", split="test")
+        dataset = ClipDataset(cache, protocol="xsub", split="test", normalisation=meta.get("normalisation"))
         if plan.eval_limit is not None and plan.eval_limit < len(dataset):
             dataset = dataset.subset(plan.eval_limit, seed=plan.seed)
         report, records = evaluate(net, meta, dataset, _suite(plan, stage.spec), batch_size=plan.eval_batch_size,

@@ -113,7 +113,8 @@ def amr_weight_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (or Adam) over the trainable parameters. Two groups: everything else with
-    ``weight_decay``, and the AMR weights θ without it unless ``amr_weight_decay``. Under
+    ``weight_decay``, and the AMR weights θ without it unless ``amr_weight_decay``, at
+    ``amr_lr_scale`` times the learning rate (a group's ``lr_scale``). Under
     ``amr-frozen`` the AMR weights are frozen (``requires_grad`` off) and left out."""
     weights = amr_weight_parameters(model)
     if train_cfg.defence == "amr-frozen":
@@ -123,7 +124,8 @@ def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Opt
     skip = {id(p) for p in amr_weight_parameters(model)}
     groups = [{"params": [p for p in model.parameters() if id(p) not in skip and p.requires_grad]}]
     if weights:
-        groups.append({"params": weights, "weight_decay": train_cfg.weight_decay if train_cfg.amr_weight_decay else 0.0})
+        groups.append({"params": weights, "weight_decay": train_cfg.weight_decay if train_cfg.amr_weight_decay else 0.0,
+                       "lr": train_cfg.lr * train_cfg.amr_lr_scale, "lr_scale": train_cfg.amr_lr_scale})
     if train_cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
@@ -272,7 +274,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, out_dir: str 
         torch.manual_seed(train_cfg.seed * 7_919 + epoch + ranks.rank * 1_000_003)
         lr = cosine_lr(train_cfg.lr, epoch, train_cfg.epochs)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         model.train()
         t0 = time.perf_counter()
         total_loss, correct, seen = 0.0, 0, 0

@@ -45,7 +45,8 @@ def evaluate(model, meta: dict[str, Any], data, *, attacks: Sequence[str] = ("fg
              progress: Callable[[dict], None] | None = None):
     """Evaluate ``model`` against attacks × modes × ε on ``data``: a prepared cache
     directory (``robustact data prepare``; ``protocol``/``split`` pick the clips) or any
-    dataset of ``(rgb, skel, label)``. Returns ``(report, records)``: the
+    dataset of ``(rgb, skel, label)`` (a cache's skeletons are scaled with the checkpoint's
+    constants, whatever the cache's own). Returns ``(report, records)``: the
     ``robustact.report/v2`` document (clean, per attack, worst case per clip, diagnostics)
     and the per-clip table it is computed from (``records.save(path)`` writes it)."""
     from robustact.models.evaluate import build_suite, check_suite, default_strategy
@@ -55,7 +56,7 @@ def evaluate(model, meta: dict[str, Any], data, *, attacks: Sequence[str] = ("fg
     if isinstance(data, (str, Path)):
         from robustact.models.data.cache import ClipDataset
 
-        dataset = ClipDataset(data, protocol=protocol, split=split)
+        dataset = ClipDataset(data, protocol=protocol, split=split, normalisation=meta.get("normalisation"))
         info = {"cache": str(data), "protocol": protocol, "split": split}
     suite = build_suite(list(attacks), modes=list(modes), eps=list(eps), alpha=alpha, restarts=restarts)
     check_suite(suite, len(meta["class_names"]))

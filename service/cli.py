@@ -126,12 +126,14 @@ def data_prepare(
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
-def _open_dataset(cache: Path, protocol: str, split: str):
+def _open_dataset(cache: Path, protocol: str, split: str, normalisation: dict | None = None):
+    """A split of a prepared cache; ``normalisation`` (a checkpoint's) scales its skeletons
+    as the model's training cache did."""
     from robustact.models.data.cache import ClipDataset
 
     if not (cache / "meta.json").is_file():
         raise FileNotFoundError(f"{cache}: not a prepared cache (run `robustact data prepare` first)")
-    return ClipDataset(cache, protocol=protocol, split=split)
+    return ClipDataset(cache, protocol=protocol, split=split, normalisation=normalisation)
 
 
 def _check_sizes(dataset, model_cfg) -> None:
@@ -165,6 +167,7 @@ def train(
     amr_activation: Annotated[str, typer.Option(help="AMR weight parametrisation: sigmoid (W = σ(θ)) or identity (W = θ).")] = "sigmoid",
     amr_init: Annotated[Optional[float], typer.Option(help="Initial θ of the AMR weights (default 0 for sigmoid, 0.5 for identity: W = 0.5 either way).")] = None,
     amr_weight_decay: Annotated[bool, typer.Option(help="Apply --weight-decay to the AMR weights θ too (off: decay pulls σ(θ) to 0.5 and the weights barely move).")] = False,
+    amr_lr_scale: Annotated[float, typer.Option(min=0.001, help="Learning rate of the AMR weights θ as a multiple of --lr (see docs/REPRODUCTION.md on whether the weights move).")] = 1.0,
     minsim_beta: Annotated[float, typer.Option(help="MinSim: weight β of the batch-mean cross-modal cosine similarity.")] = 1.0,
     minsim_dim: Annotated[int, typer.Option(help="MinSim: common dimension of the fixed random projections of both features.")] = 128,
     minsim_gamma: Annotated[float, typer.Option(help="MinSim: weight γ of the unimodal compactness term (each modality's features pulled to their class centroid).")] = 1.0,
@@ -212,7 +215,7 @@ def train(
                                 attack=AttackConfig(name="pgd", mode="RS", steps=attack_steps, eps_rgb=eps / 255,
                                                     eps_skel=eps / 255, alpha_rgb=alpha / 255, alpha_skel=alpha / 255),
                                 minsim_beta=minsim_beta, minsim_dim=minsim_dim, minsim_gamma=minsim_gamma,
-                                amr_weight_decay=amr_weight_decay)
+                                amr_weight_decay=amr_weight_decay, amr_lr_scale=amr_lr_scale)
         model_cfg = resolve_model_config(model_cfg, train_cfg)
         if protocol not in ("xsub", "xview"):
             raise ConfigError("protocol", "must be xsub or xview")
@@ -307,7 +310,7 @@ def evaluate(
             "worst-case" if worst_case_only else "full")
         net, meta = load_checkpoint(model)
         check_suite(suite, len(meta["class_names"]))
-        dataset = _open_dataset(data, protocol, split)
+        dataset = _open_dataset(data, protocol, split, meta.get("normalisation"))
         _check_sizes(dataset, ModelConfig.from_dict(meta["model"]))
         if list(dataset.class_names) != list(meta["class_names"]):
             raise ValueError("the dataset's classes differ from the model's")

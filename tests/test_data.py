@@ -843,3 +843,50 @@ def test_data_modules_import_only_allowed_packages():
             else:
                 continue
             assert roots <= allowed | set(sys.stdlib_module_names), (module.__name__, roots)
+
+
+def test_a_model_sees_another_cache_through_its_own_skeleton_constants(syn_root, prepared, tmp_path):
+    """Issue 11, item 3: a cache prepared with other skeleton constants (here: the same
+    clips, a wider range) gives a model other inputs unless it is opened with the model's
+    normalisation; with it, every skeleton is the one the model's own cache holds, and
+    evaluation refuses the mismatch instead of changing accuracy silently."""
+    import shutil
+
+    import torch
+
+    from robustact.models.data.ntu import scale_skeleton
+    from robustact.models.evaluate import check_normalisation
+
+    cache_dir, meta, _, _ = prepared
+    other = tmp_path / "other"
+    shutil.copytree(cache_dir, other)
+    wide_min = [v - 0.5 for v in meta["skel_min"]]
+    wide_max = [v + 0.7 for v in meta["skel_max"]]
+    skel = np.load(other / "skel.npy")
+    for i, sample in enumerate(meta["samples"]):
+        with np.load(other / "clips" / f"{sample['name']}.npz") as clip:
+            skel[i] = scale_skeleton(clip["skel"], wide_min, wide_max).transpose(2, 0, 1, 3)
+    np.save(other / "skel.npy", skel)
+    other_meta = {**meta, "skel_min": wide_min, "skel_max": wide_max}
+    (other / "meta.json").write_text(json.dumps(other_meta))
+
+    model_norm = {"skel_min": meta["skel_min"], "skel_max": meta["skel_max"]}
+    own = ClipDataset(cache_dir, split="all")
+    plain = ClipDataset(other, split="all")
+    fixed = ClipDataset(other, split="all", normalisation=model_norm)
+    assert fixed.skel_min == tuple(meta["skel_min"]) and plain.skel_min == tuple(wide_min)
+    differ = 0
+    for i in range(len(own)):
+        assert torch.equal(fixed[i][1], own[i][1]), i
+        assert torch.equal(fixed[i][0], own[i][0])
+        differ += not torch.allclose(plain[i][1], own[i][1], atol=1e-3)
+    assert differ == len(own)  # the cache's own constants would have changed every clip
+    # absent bodies stay absent
+    assert torch.equal(fixed[0][1] == 0, own[0][1] == 0)
+    sub = fixed.subset(3, seed=0)
+    assert torch.equal(sub[0][1], own[int(np.flatnonzero(own.indices == sub.indices[0])[0])][1])
+    # evaluation refuses a dataset scaled otherwise than the checkpoint says
+    check_normalisation(fixed, {"normalisation": model_norm})
+    check_normalisation(torch.utils.data.Subset(fixed, [0, 1]), {"normalisation": model_norm})
+    with pytest.raises(ValueError, match="normalisation"):
+        check_normalisation(torch.utils.data.Subset(plain, [0, 1]), {"normalisation": model_norm})

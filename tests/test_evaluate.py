@@ -403,3 +403,20 @@ def test_attack_counts_at_the_bounds():
         AttackConfig(name="pgd", steps=MAX_STEPS + 1)
     with pytest.raises(ConfigError, match="steps"):
         AttackConfig(name="square", steps=MAX_QUERIES + 1)
+
+
+def test_report_gives_eps_skel_in_metres_per_axis():
+    """ε_S is a fraction of the model's skeleton range: 8/255 of a 2 m x-range is 62.7 mm."""
+    model = LinearStub()
+    data = stub_data()
+    suite = build_suite(["pgd5"], modes=["S"], eps=[8])
+    meta = {**META, "normalisation": {"skel_min": [-1.0, -0.5, 2.0], "skel_max": [1.0, 1.5, 5.0]}}
+    report, _ = evaluate(model, meta, data, suite, batch_size=4)
+    expected = [8 / 255 * 2.0, 8 / 255 * 2.0, 8 / 255 * 3.0]
+    assert report["attacks"][0]["eps_skel_metres"] == pytest.approx(expected, abs=1e-6)
+    assert report["worst_case"][0]["eps_skel_metres"] == pytest.approx(expected, abs=1e-6)
+    from robustact.models.report import format_report
+
+    assert "at most 62.7 / 62.7 / 94.1 mm along x / y / z" in format_report(report)
+    report, _ = evaluate(model, META, data, suite, batch_size=4)
+    assert report["attacks"][0]["eps_skel_metres"] is None

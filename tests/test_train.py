@@ -191,6 +191,10 @@ def test_amr_weights_get_no_weight_decay_unless_asked():
         for p in amr_weight_parameters(model):
             assert torch.allclose(p, torch.full_like(p, expected)), (decay, p.flatten()[:3])
         assert torch.allclose(model.classifier.weight, other * (1 - 0.05))
+    # θ may learn faster than the rest: its group's lr is amr_lr_scale × lr, kept by the schedule
+    optimizer = build_optimizer(build_model(cfg), TrainConfig(defence="amr", lr=0.01, amr_lr_scale=10.0))
+    assert [g["lr"] for g in optimizer.param_groups] == [0.01, pytest.approx(0.1)]
+    assert optimizer.param_groups[1]["lr_scale"] == 10.0 and "lr_scale" not in optimizer.param_groups[0]
 
 
 def test_identity_amr_weights_start_at_half_and_stay_in_the_unit_interval(tmp_path):

@@ -518,7 +518,7 @@ def _evaluation_inputs(ctx: Context, job: Job, run: JobRun):
     dataset = ctx.read(Dataset, job.dataset_id)
     model, meta = load_checkpoint(model_dir(ctx, model_row), device=resolve_device(device_name(ctx.settings)))
     cache = prepared_cache(ctx, dataset, ModelConfig.from_dict(meta["model"]), run)
-    data = ClipDataset(cache, protocol=params["protocol"], split=params["split"])
+    data = ClipDataset(cache, protocol=params["protocol"], split=params["split"], normalisation=meta.get("normalisation"))
     if params.get("max_samples"):
         data = data.subset(params["max_samples"], seed=params["seed"])
     suite = [AttackConfig.from_dict(d) for d in params["suite"]]

@@ -704,10 +704,18 @@ class ClipDataset(Dataset):
     ``skel.npy`` is memory-mapped lazily in each process (a DataLoader worker opens its
     own) and each item reads its clip file, so the dataset is safe to use from DataLoader
     worker processes; a ``jpeg`` cache decodes the item's frames there.
+
+    ``normalisation`` (``{"skel_min", "skel_max"}``, a checkpoint's): scale skeletons with
+    these constants instead of the cache's, so a model sees clips of another cache exactly
+    as it saw its training cache, and ε_S keeps its physical size. From a v2 cache the
+    unscaled skeleton of each clip file is scaled afresh (identical to a cache prepared
+    with those constants); a v1 cache has only the scaled array, which is mapped back and
+    rescaled (coordinates the cache clipped stay at its bounds). ``skel_min`` /
+    ``skel_max`` are then these constants.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, protocol: str = "xsub",
-                 split: str = "train"):
+                 split: str = "train", normalisation: dict | None = None):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if split not in SPLITS:
@@ -730,6 +738,15 @@ class ClipDataset(Dataset):
             raise ValueError(f"{self.cache_dir}: the {protocol}/{split} split is empty")
         self.labels = all_labels[self.indices].astype(np.int64)
         self._rgb = self._skel = None
+        self._norm = None  # (skel_min, skel_max) to rescale to, when not the cache's own
+        if normalisation is not None:
+            lo = tuple(float(v) for v in normalisation["skel_min"])
+            hi = tuple(float(v) for v in normalisation["skel_max"])
+            if len(lo) != 3 or len(hi) != 3:
+                raise ValueError("normalisation needs 3 skel_min and 3 skel_max values (x, y, z)")
+            cache = (tuple(float(v) for v in self.meta["skel_min"]), tuple(float(v) for v in self.meta["skel_max"]))
+            if (lo, hi) != cache:
+                self._norm = (lo, hi)
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -743,11 +760,13 @@ class ClipDataset(Dataset):
 
     @property
     def skel_min(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in self.meta["skel_min"])
+        """The constants the items' skeletons are scaled with (the cache's, or the
+        ``normalisation`` given)."""
+        return self._norm[0] if self._norm else tuple(float(v) for v in self.meta["skel_min"])
 
     @property
     def skel_max(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in self.meta["skel_max"])
+        return self._norm[1] if self._norm else tuple(float(v) for v in self.meta["skel_max"])
 
     @property
     def sample_names(self) -> list[str]:
@@ -772,11 +791,32 @@ class ClipDataset(Dataset):
     def __len__(self) -> int:
         return int(self.indices.size)
 
+    def _rescaled_skeleton(self, row: int) -> np.ndarray:
+        """float32 (3, T, V, M) of row ``row`` scaled with ``normalisation``."""
+        lo, hi = self._norm
+        if self._rgb is None:  # v2: the clip file keeps the unscaled skeleton
+            path = self.cache_dir / CLIPS_DIR / f"{self.meta['samples'][row]['name']}.npz"
+            with np.load(path, allow_pickle=False) as clip:
+                raw = clip["skel"]
+            return scale_skeleton(raw, lo, hi).transpose(2, 0, 1, 3)
+        scaled = np.asarray(self._skel[row], dtype=np.float32)  # (3, T, V, M), cache constants
+        present = np.any(scaled != 0, axis=(0, 2))  # (T, M)
+        c_lo = np.asarray(self.meta["skel_min"], dtype=np.float32).reshape(3, 1, 1, 1)
+        c_hi = np.asarray(self.meta["skel_max"], dtype=np.float32).reshape(3, 1, 1, 1)
+        raw = scaled * np.maximum(c_hi - c_lo, np.float32(1e-6)) + c_lo
+        n_lo = np.asarray(lo, dtype=np.float32).reshape(3, 1, 1, 1)
+        n_hi = np.asarray(hi, dtype=np.float32).reshape(3, 1, 1, 1)
+        out = np.clip((raw - n_lo) / np.maximum(n_hi - n_lo, np.float32(1e-6)), 0.0, 1.0).astype(np.float32)
+        return out * present[None, :, None, :]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         self._open()
         row = int(self.indices[i])
         rgb = torch.from_numpy(np.asarray(self._rgb_clip(row), dtype=np.float32)).div_(255.0)
-        skel = torch.from_numpy(np.array(self._skel[row], dtype=np.float32))
+        if self._norm is not None:
+            skel = torch.from_numpy(np.ascontiguousarray(self._rescaled_skeleton(row)))
+        else:
+            skel = torch.from_numpy(np.array(self._skel[row], dtype=np.float32))
         return rgb, skel, int(self.labels[i])
 
     def __getstate__(self):

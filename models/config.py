@@ -66,7 +66,9 @@ class ModelConfig:
     """Architecture of a network; enough to rebuild it from scratch.
 
     Inputs are RGB ``(B, 3, rgb_frames, rgb_size, rgb_size)`` and skeleton
-    ``(B, 3, skel_frames, joints, persons)``, both in [0, 1].
+    ``(B, skel_channels, skel_frames, joints, persons)``, both in [0, 1]. NTU RGB+D: 3
+    coordinates (x, y, z in metres), 25 joints, 2 bodies; iMiGUE-style 2-D pose: 2
+    coordinates (image x, y), 22 upper-body joints, 1 body.
     """
 
     arch: str = "fusion"
@@ -76,6 +78,7 @@ class ModelConfig:
     skel_frames: int = 32
     joints: int = 25
     persons: int = 2
+    skel_channels: int = 3
     i3d_width: float = 1.0
     dropout: float = 0.5
     num_amr: int = 0
@@ -119,6 +122,8 @@ class ModelConfig:
         for name in ("rgb_frames", "rgb_size", "skel_frames", "joints", "persons"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, "must be positive")
+        if self.skel_channels not in (2, 3):
+            raise ConfigError("skel_channels", f"must be 2 (x, y) or 3 (x, y, z), got {self.skel_channels}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -60,7 +60,7 @@ class ActionNet(nn.Module):
             self.i3d = I3D(k if cfg.arch == "rgb" else 0, width=cfg.i3d_width, dropout=cfg.dropout)
         if cfg.arch in ("fusion", "skeleton"):
             self.hcn = HCN(k if cfg.arch == "skeleton" else 0, frames=cfg.skel_frames, joints=cfg.joints,
-                           persons=cfg.persons, dropout=cfg.dropout)
+                           persons=cfg.persons, in_channels=cfg.skel_channels, dropout=cfg.dropout)
         if cfg.arch == "fusion":
             self.dropout = nn.Dropout(cfg.dropout)
             self.classifier = nn.Linear(self.i3d.num_features + self.hcn.num_features, k)

@@ -86,21 +86,22 @@ class Geometry:
     skel_frames: int
     joints: int
     persons: int
-    skel_min: tuple[float, float, float] | None  # None: no skeleton is decoded with it
-    skel_max: tuple[float, float, float] | None
+    skel_min: tuple[float, ...] | None  # None: no skeleton is decoded with it
+    skel_max: tuple[float, ...] | None
+    skel_channels: int = 3  # coordinates per joint: 3 (x, y, z) or 2 (x, y)
 
     @classmethod
     def of(cls, cfg: "ModelConfig", meta: dict[str, Any] | None = None) -> "Geometry":
         """From a model config and its checkpoint's metadata (which holds the normalisation)."""
         norm = (meta or {}).get("normalisation")
         lo, hi = (tuple(map(float, norm["skel_min"])), tuple(map(float, norm["skel_max"]))) if norm else (None, None)
-        return cls(cfg.rgb_frames, cfg.rgb_size, cfg.skel_frames, cfg.joints, cfg.persons, lo, hi)
+        return cls(cfg.rgb_frames, cfg.rgb_size, cfg.skel_frames, cfg.joints, cfg.persons, lo, hi, cfg.skel_channels)
 
     def shape(self, kind: str) -> tuple[int, ...]:
-        """Shape of the decoded array: (3, T, S, S) for a video, (3, T, V, M) for a skeleton."""
+        """Shape of the decoded array: (3, T, S, S) for a video, (C, T, V, M) for a skeleton."""
         if kind == VIDEO:
             return (3, self.rgb_frames, self.rgb_size, self.rgb_size)
-        return (3, self.skel_frames, self.joints, self.persons)
+        return (self.skel_channels, self.skel_frames, self.joints, self.persons)
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,8 @@ def _skeleton_array(source, suffix: str, filename: str, field: str, max_frames: 
     if array.ndim == 3:
         array = array[..., None]
     if array.ndim != 4:
-        raise DecodeError(field, f"{filename!r} has shape {tuple(array.shape)}; expected T×V×3 or "
-                                 "T×V×3×M (frames, joints, xyz, bodies)")
+        raise DecodeError(field, f"{filename!r} has shape {tuple(array.shape)}; expected T×V×C or "
+                                 "T×V×C×M (frames, joints, coordinates, bodies)")
     if max_frames is not None and array.shape[0] > max_frames:
         raise DecodeError(field, f"{filename!r}: {array.shape[0]} frames is above the {max_frames}-frame limit")
     if not np.isfinite(array).all():
@@ -201,12 +202,14 @@ def _decode_skeleton(source, suffix: str, filename: str, field: str, geometry: G
         raise DecodeError(field, "the skeleton has no frames")
     if joints != geometry.joints:
         raise DecodeError(field, f"the skeleton has {joints} joints per body; this model expects {geometry.joints}")
-    if coords != 3:
-        raise DecodeError(field, f"the skeleton has {coords} coordinates per joint; expected 3 (x, y, z)")
+    if coords != geometry.skel_channels:
+        want = "3 (x, y, z)" if geometry.skel_channels == 3 else "2 (x, y)"
+        raise DecodeError(field, f"the skeleton has {coords} coordinates per joint; this model expects {want}")
     if bodies > geometry.persons:
         raise DecodeError(field, f"the skeleton has {bodies} bodies; this model takes at most {geometry.persons}")
     if bodies < geometry.persons:
-        array = np.concatenate([array, np.zeros((frames, joints, 3, geometry.persons - bodies), np.float32)], axis=3)
+        array = np.concatenate([array, np.zeros((frames, joints, coords, geometry.persons - bodies), np.float32)],
+                               axis=3)
     # The order of the training cache (models.data.cache.prepare): resample, then scale.
     resampled = ntu.resample_skeleton(array, geometry.skel_frames)
     scaled = ntu.scale_skeleton(resampled, geometry.skel_min, geometry.skel_max)

@@ -308,3 +308,54 @@ def test_stride_one_same_max_pool_matches_explicit_minus_inf_padding():
     x = -1.0 - torch.rand(1, 2, 3, 5, 5)
     expected = F.max_pool3d(F.pad(x, (1, 1, 1, 1, 1, 1), value=float("-inf")), 3, 1)
     assert torch.equal(MaxPool3dSame(3, 1)(x), expected)
+
+
+def test_two_dimensional_skeletons_with_22_joints_run_through_hcn_amr_and_the_attacks():
+    """iMiGUE-style input (issue 11, item 8): 2 coordinates, 22 upper-body joints, 1 body.
+    HCN, the AMRs and every attack mode follow the config; 3-coordinate clips are refused."""
+    from robustact.models.attacks import attack
+    from robustact.models.config import AttackConfig, ConfigError
+
+    cfg = preset_config("tiny", num_classes=K, num_amr=3, skel_channels=2, joints=22, persons=1)
+    model = build_model(cfg).eval()
+    assert model.hcn.in_channels == 2 and model.hcn.joints == 22
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(2, 3, cfg.rgb_frames, cfg.rgb_size, cfg.rgb_size, generator=g)
+    skel = torch.rand(2, 2, cfg.skel_frames, 22, 1, generator=g)
+    out = model(rgb, skel)
+    assert out.logits.shape == (2, K) and len(out.aux) == 3
+    labels = out.logits.argmax(1)
+    adv_rgb, adv_skel = attack(model, rgb, skel, labels, AttackConfig(name="pgd", mode="S", steps=3), seed=0)
+    assert adv_skel.shape == skel.shape and (adv_skel - skel).abs().max() <= 8 / 255 + 1e-6
+    assert not torch.equal(adv_skel, skel) and torch.equal(adv_rgb, rgb)
+    with pytest.raises(ValueError, match=r"\(C, T, V\) = \(2, "):
+        model(rgb, torch.rand(2, 3, cfg.skel_frames, 22, 1))
+    with pytest.raises(ConfigError, match="skel_channels"):
+        preset_config("tiny", num_classes=K, skel_channels=4)
+
+
+def test_uploaded_skeletons_must_have_the_model_s_coordinates():
+    import numpy as np
+
+    from robustact.models.data.ntu import scale_skeleton
+    from robustact.service.decoder import DecodeError, Geometry, _decode_skeleton
+
+    geometry = Geometry(rgb_frames=8, rgb_size=32, skel_frames=16, joints=22, persons=1,
+                        skel_min=(0.0, 0.0), skel_max=(1920.0, 1080.0), skel_channels=2)
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.random.default_rng(0).uniform(100, 900, (30, 22, 2)).astype(np.float32))
+    skel, info = _decode_skeleton(io.BytesIO(buffer.getvalue()), ".npy", "pose.npy", "skeleton", geometry, _limits())
+    assert skel.shape == (2, 16, 22, 1) and 0 <= skel.min() and skel.max() <= 1
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((30, 22, 3), np.float32))
+    with pytest.raises(DecodeError, match=r"3 coordinates per joint; this model expects 2 \(x, y\)"):
+        _decode_skeleton(io.BytesIO(buffer.getvalue()), ".npy", "pose.npy", "skeleton", geometry, _limits())
+    assert scale_skeleton(np.ones((2, 22, 2, 1)), (0.0, 0.0), (2.0, 4.0))[0, 0, :, 0].tolist() == [0.5, 0.25]
+
+
+def _limits():
+    from robustact.service.decoder import Limits
+
+    return Limits(max_skeleton_frames=1000)

@@ -416,18 +416,20 @@ def resample_skeleton(arr: np.ndarray, frames: int) -> np.ndarray:
 
 def scale_skeleton(arr: np.ndarray, skel_min: Sequence[float],
                    skel_max: Sequence[float]) -> np.ndarray:
-    """Min-max scale ``(T, V, 3, M)`` coordinates per axis to [0, 1] (clipped), float32.
+    """Min-max scale ``(T, V, C, M)`` coordinates per axis to [0, 1] (clipped), float32.
 
-    ``skel_min`` / ``skel_max`` are 3 floats (x, y, z), the dataset constants. Bodies that
-    are absent in a frame (all zero) stay exactly 0 so "absent" remains recognisable.
+    ``skel_min`` / ``skel_max`` are C floats (x, y, z; or x, y for 2-D pose), the dataset
+    constants. Bodies that are absent in a frame (all zero) stay exactly 0 so "absent"
+    remains recognisable.
     """
     arr = np.asarray(arr, dtype=np.float32)
-    if arr.ndim != 4 or arr.shape[2] != 3:
-        raise ValueError(f"expected a (T, V, 3, M) array, got shape {arr.shape}")
-    lo = np.asarray(skel_min, dtype=np.float32).reshape(1, 1, 3, 1)
-    hi = np.asarray(skel_max, dtype=np.float32).reshape(1, 1, 3, 1)
-    if lo.size != 3 or hi.size != 3:
-        raise ValueError("skel_min and skel_max must hold 3 values (x, y, z)")
+    c = len(skel_min)
+    if c not in (2, 3) or len(skel_max) != c:
+        raise ValueError("skel_min and skel_max must hold 3 values (x, y, z) or 2 (x, y)")
+    if arr.ndim != 4 or arr.shape[2] != c:
+        raise ValueError(f"expected a (T, V, {c}, M) array, got shape {arr.shape}")
+    lo = np.asarray(skel_min, dtype=np.float32).reshape(1, 1, c, 1)
+    hi = np.asarray(skel_max, dtype=np.float32).reshape(1, 1, c, 1)
     span = np.maximum(hi - lo, np.float32(1e-6))  # a flat axis must not divide by zero
     out = np.clip((arr - lo) / span, 0.0, 1.0).astype(np.float32)
     present = _presence(arr)  # (T, M)

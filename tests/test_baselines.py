@@ -26,18 +26,27 @@ def test_minsim_similarity_is_batch_mean_cosine_of_projected_features():
     assert torch.equal(minsim_projection(12, 4, 0), p_rgb)
 
 
-def test_minsim_objective_is_ce_plus_beta_similarity():
+def test_minsim_objective_is_ce_plus_beta_similarity_plus_gamma_compactness():
     torch.manual_seed(0)
     cfg = preset_config("tiny", num_classes=K)
     model = build_model(cfg).eval()
     data = TensorClips(cfg, n=4)
-    tc = TrainConfig(defence="minsim", minsim_beta=0.7, minsim_dim=16)
+    tc = TrainConfig(defence="minsim", minsim_beta=0.7, minsim_gamma=0.4, minsim_dim=16)
     assert tc.attack_mode is None  # clean training, as in Tian & Xu
     loss, logits = objective(model, tc, data.rgb, data.skel, data.labels, attack_seed=0)
     f_rgb, f_skel, _ = model.forward_features(data.rgb, data.skel)
-    cos = F.cosine_similarity(f_rgb @ minsim_projection(f_rgb.shape[1], 16, 0),
-                              f_skel @ minsim_projection(f_skel.shape[1], 16, 1), dim=1).mean()
-    expected = F.cross_entropy(model(data.rgb, data.skel).logits, data.labels) + 0.7 * cos
+    z_rgb = f_rgb @ minsim_projection(f_rgb.shape[1], 16, 0)
+    z_skel = f_skel @ minsim_projection(f_skel.shape[1], 16, 1)
+    cos = F.cosine_similarity(z_rgb, z_skel, dim=1).mean()
+
+    def compactness(z):  # mean cosine distance to the class centroid of unit vectors, by hand
+        z = F.normalize(z, dim=1)
+        return torch.stack([1 - F.cosine_similarity(z[i], z[data.labels == data.labels[i]].mean(0), dim=0)
+                            for i in range(len(z))]).mean()
+
+    assert compactness(z_rgb) > 0 and compactness(z_skel) > 0  # two clips share class 0
+    expected = (F.cross_entropy(model(data.rgb, data.skel).logits, data.labels) + 0.7 * cos
+                + 0.4 * (compactness(z_rgb) + compactness(z_skel)) / 2)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.allclose(logits, model(data.rgb, data.skel).logits)
 

@@ -1,0 +1,146 @@
+"""The iMiGUE-style dataset layout: long interview videos cut into labelled clips.
+
+Modelled on the iMiGUE release (Liu et al., CVPR 2021: 72 subjects, 359 videos, 32
+classes, cross-subject split of 37 training and 35 test subjects), as robustact reads it::
+
+    ROOT/classes.txt    one class name per line: line k is class id k (1-based)
+    ROOT/labels.csv     one clip per row, with a header naming at least
+                        video_id,class,start_frame,end_frame,subject_id
+                        (frames 0-based and inclusive; further columns are ignored)
+    ROOT/split.json     {"train_subjects": [...], "test_subjects": [...]}
+    ROOT/videos/<video_id>.mp4
+    ROOT/skeleton/<video_id>/<video_id>_<frame:012d>_keypoints.json   (OpenPose, one per frame)
+
+A clip's name is ``<video_id>_<k>`` with k its 1-based position among the video's rows
+(the naming of the MiGA challenge's test clips). Class ids run 1..K; iMiGUE's id 99 (the
+non-micro-gesture class) is read as class K when ``classes.txt`` has K lines and no class
+99, so the release's labels CSV needs no rewriting. The only protocol is ``xsub``: a
+clip is in the training split when its subject is in ``train_subjects``.
+
+Errors name the file and, for the CSV, the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CLASSES_FILE = "classes.txt"
+LABELS_FILE = "labels.csv"
+SPLIT_FILE = "split.json"
+VIDEO_DIR = "videos"
+SKELETON_DIR = "skeleton"
+NON_MICRO_GESTURE = 99
+REQUIRED_COLUMNS = ("video_id", "class", "start_frame", "end_frame", "subject_id")
+
+
+class LayoutError(ValueError):
+    """An iMiGUE-style root is not laid out as documented. ``str()`` names the file."""
+
+    def __init__(self, path, message: str, line: int | None = None):
+        self.path, self.line, self.message = str(path), line, message
+        super().__init__(f"{self.path}" + (f": line {line}" if line is not None else "") + f": {message}")
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One labelled clip: frames ``start``..``end`` (inclusive) of ``video_id``."""
+
+    name: str
+    video_id: str
+    start: int
+    end: int
+    label: int  # 0-based
+    subject: int
+    video: Path
+    skeleton_dir: Path
+
+
+def class_names(root: str | os.PathLike) -> list[str]:
+    path = Path(root) / CLASSES_FILE
+    if not path.is_file():
+        raise LayoutError(path, "missing (one class name per line)")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(names) < 2:
+        raise LayoutError(path, f"{len(names)} class name(s); at least 2 are needed")
+    return names
+
+
+def read_split(root: str | os.PathLike) -> tuple[frozenset[int], frozenset[int]]:
+    """(training subjects, test subjects) of ``split.json``."""
+    path = Path(root) / SPLIT_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LayoutError(path, 'missing ({"train_subjects": [...], "test_subjects": [...]})') from None
+    except ValueError as exc:
+        raise LayoutError(path, f"not valid JSON ({exc})") from None
+    sets = []
+    for key in ("train_subjects", "test_subjects"):
+        values = doc.get(key) if isinstance(doc, dict) else None
+        if not isinstance(values, list) or not values or not all(isinstance(v, int) for v in values):
+            raise LayoutError(path, f"{key} must be a non-empty list of subject ids (integers)")
+        sets.append(frozenset(values))
+    both = sets[0] & sets[1]
+    if both:
+        raise LayoutError(path, f"subject(s) {sorted(both)} are in both splits")
+    return sets[0], sets[1]
+
+
+def find_clips(root: str | os.PathLike) -> list[Clip]:
+    """Every clip of ``labels.csv`` in file order, checked against ``classes.txt`` and
+    ``split.json`` (a subject in neither split is an error). Video and skeleton paths are
+    where they should be; whether the files exist is for the reader to say."""
+    root = Path(root)
+    names = class_names(root)
+    train, test = read_split(root)
+    path = root / LABELS_FILE
+    if not path.is_file():
+        raise LayoutError(path, f"missing (columns {', '.join(REQUIRED_COLUMNS)})")
+    clips: list[Clip] = []
+    per_video: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise LayoutError(path, f"the header lacks column(s) {', '.join(missing)}", 1)
+        for row in reader:
+            line = reader.line_num
+            try:
+                video_id = row["video_id"].strip()
+                class_id, start, end, subject = (int(row[c]) for c in ("class", "start_frame", "end_frame",
+                                                                       "subject_id"))
+            except (TypeError, ValueError, AttributeError):
+                raise LayoutError(path, "class, start_frame, end_frame and subject_id must be integers", line) from None
+            if not video_id or "/" in video_id or video_id.startswith("."):
+                raise LayoutError(path, f"bad video_id {video_id!r}", line)
+            if class_id == NON_MICRO_GESTURE and len(names) < NON_MICRO_GESTURE:
+                class_id = len(names)
+            if not 1 <= class_id <= len(names):
+                raise LayoutError(path, f"class {class_id} is not in 1..{len(names)} ({CLASSES_FILE})", line)
+            if start < 0 or end < start:
+                raise LayoutError(path, f"frames {start}..{end} are not a range", line)
+            if subject not in train and subject not in test:
+                raise LayoutError(path, f"subject {subject} is in neither split of {SPLIT_FILE}", line)
+            per_video[video_id] = per_video.get(video_id, 0) + 1
+            clips.append(Clip(f"{video_id}_{per_video[video_id]}", video_id, start, end, class_id - 1, subject,
+                              root / VIDEO_DIR / f"{video_id}.mp4", root / SKELETON_DIR / video_id))
+    if not clips:
+        raise LayoutError(path, "no clip")
+    return clips
+
+
+def in_train_split(clip: Clip, train_subjects: frozenset[int], protocol: str = "xsub") -> bool:
+    if protocol != "xsub":
+        raise ValueError(f"an iMiGUE-style dataset has only the xsub protocol, not {protocol!r}")
+    return clip.subject in train_subjects
+
+
+def read_clip_skeleton(clip: Clip):
+    """float32 ``(T, 22, 2, 1)`` of the clip's frames (``openpose.read_openpose_dir``)."""
+    from .openpose import read_openpose_dir
+
+    return read_openpose_dir(clip.skeleton_dir, clip.start, clip.end)

@@ -70,3 +70,34 @@ def test_a_clip_skeleton_is_its_frame_range(tmp_path):
     clip = find_clips(root)[0]
     skel = read_clip_skeleton(clip)
     assert skel.shape == (3, 22, 2, 1) and skel[:, 0, 0, 0].tolist() == [3.0, 4.0, 5.0]
+
+
+def test_a_clip_video_is_its_frame_window(tmp_path):
+    """Frames first..last of a longer video, sampled as a whole clip would be."""
+    import av
+    import numpy as np
+
+    from robustact.models.data.ntu import VideoDecodeError, read_video_window
+
+    path = tmp_path / "0007.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.bit_rate = 2_000_000
+        for i in range(20):
+            image = np.full((32, 32, 3), 10 * i + 5, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    clip = read_video_window(path, 4, 10, frames=3, size=16)
+    assert clip.shape == (3, 3, 16, 16) and clip.dtype == np.uint8
+    levels = clip.reshape(3, 3, -1).mean(axis=(0, 2))
+    assert np.allclose(levels, [45, 75, 105], atol=4), levels  # frames 4, 7 and 10
+    with pytest.raises(VideoDecodeError, match="the video has 20 frames; the clip asks for frames 15..25"):
+        read_video_window(path, 15, 25, frames=3, size=16)
+    # and through the layout: a clip of the labels CSV reads its own window
+    from robustact.models.data.imigue import read_clip_video
+
+    root = write_root(tmp_path / "r", ["0007,1,2,4,10,1"])
+    (root / "videos").mkdir()
+    path.rename(root / "videos" / "0007.mp4")
+    assert np.array_equal(read_clip_video(find_clips(root)[0], 3, 16), clip)

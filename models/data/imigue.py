@@ -144,3 +144,11 @@ def read_clip_skeleton(clip: Clip):
     from .openpose import read_openpose_dir
 
     return read_openpose_dir(clip.skeleton_dir, clip.start, clip.end)
+
+
+def read_clip_video(clip: Clip, frames: int, size: int, threads: int | None = None):
+    """uint8 ``(3, frames, size, size)`` of the clip's window of its video
+    (``ntu.read_video_window``)."""
+    from .ntu import read_video_window
+
+    return read_video_window(clip.video, clip.start, clip.end, frames, size, threads=threads)

@@ -641,6 +641,40 @@ def read_video(source: str | os.PathLike | BinaryIO, frames: int, size: int,
     return torch.stack([kept[int(i)] for i in indices], dim=1).numpy()
 
 
+def read_video_window(path: str | os.PathLike, first: int, last: int, frames: int, size: int,
+                      threads: int | None = None) -> np.ndarray:
+    """uint8 ``(3, frames, size, size)`` from frames ``first``..``last`` (0-based,
+    inclusive) of a longer video: a labelled clip of an iMiGUE-style interview. The frames
+    are sampled over the window as ``read_video`` samples a whole clip; decoding stops
+    after ``last``. A video shorter than the window is a ``VideoDecodeError``."""
+    if frames < 1 or size < 1:
+        raise ValueError(f"frames and size must be >= 1, got {frames}, {size}")
+    if first < 0 or last < first:
+        raise ValueError(f"frames {first}..{last} are not a range")
+    label, open_container = _opener(path, None)
+    indices = first + _frame_indices(last - first + 1, frames)
+    wanted = set(indices.tolist())
+    kept: dict[int, torch.Tensor] = {}
+    count = 0
+    with _av_errors(label), open_container() as container:
+        if not container.streams.video:
+            raise VideoDecodeError(label, "no video stream")
+        stream = container.streams.video[0]
+        if threads is None:
+            stream.thread_type = "AUTO"
+        else:
+            stream.thread_count = threads
+        for frame in container.decode(stream):
+            if count in wanted:
+                kept[count] = _resize_crop(frame.to_ndarray(format="rgb24"), size)
+            count += 1
+            if count > last:
+                break
+    if count <= last:
+        raise VideoDecodeError(label, f"the video has {count} frames; the clip asks for frames {first}..{last}")
+    return torch.stack([kept[int(i)] for i in indices], dim=1).numpy()
+
+
 def read_video_bytes(data: bytes, frames: int, size: int, name: str = "<upload>") -> np.ndarray:
     """``read_video`` for an in-memory upload; ``name`` is used in error messages."""
     if not data:

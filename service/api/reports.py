@@ -87,6 +87,8 @@ def _comparison(session, store: Store, caller: Caller, ids: list[str], documents
     try:
         table = compare(reports, baseline=candidates.index(base), attack=attack, eps=eps, names=names)
     except ReportError as e:
+        if "budget" in str(e):  # several budgets and none named, or different ones: eps decides
+            invalid("eps", str(e), eps, where=where)
         invalid("attack", str(e), attack, where=where)
     table["report_ids"] = ids
     return table

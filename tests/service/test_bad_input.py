@@ -404,6 +404,25 @@ def test_compare_inline_reports_reproduces_the_papers_ri(api, unchanged):
     assert r.status_code == 404
 
 
+def test_compare_over_the_api_never_picks_a_budget_and_warns_of_unlike_settings(api, unchanged):
+    """Issue 11, item 2, through the API: several budgets and no eps is a 422 on eps listing
+    them; the budget used is in the answer; unlike settings come back as warnings."""
+    import copy
+
+    from tests.fixtures.make_view_reports import fusion_report
+
+    a, b = fusion_report("A"), fusion_report("B", strength=0.5)
+    r = api.post("/v1/reports/compare", json={"reports": [a, b], "attack": "PGD20"})
+    assert r.status_code == 422 and _loc(r) == ["body", "eps"] and "several budgets (2, 4, 6, 8 /255)" in r.text
+    r = api.post("/v1/reports/compare", json={"reports": [a, b], "attack": "PGD20", "eps": 8})
+    assert r.status_code == 200 and r.json()["eps_used"] == 8 and r.json()["warnings"] == []
+    slow = copy.deepcopy(b)
+    for entry in slow["attacks"]:
+        entry["alpha_rgb"] = entry["alpha_skel"] = 1 / 255
+    r = api.post("/v1/reports/compare", json={"reports": [a, slow], "attack": "PGD20", "eps": 8})
+    assert r.status_code == 200 and any(w.startswith("α differs") for w in r.json()["warnings"]), r.json()
+
+
 def _store_report(api, document: dict) -> str:
     """A report row and its document, stored the way the worker stores them."""
     from robustact.service.db import new_id

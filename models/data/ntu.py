@@ -567,6 +567,18 @@ def probe_video(source: str | os.PathLike | BinaryIO, name: str | None = None) -
         return _stream_info(container, container.streams.video[0])
 
 
+def _video_stream(container, name: str, threads: int | None):
+    """The first video stream, with FFmpeg's threading set (None: FFmpeg's choice)."""
+    if not container.streams.video:
+        raise VideoDecodeError(name, "no video stream")
+    stream = container.streams.video[0]
+    if threads is None:
+        stream.thread_type = "AUTO"
+    else:
+        stream.thread_count = threads
+    return stream
+
+
 def _decode(open_container: Callable[[], "av.container.InputContainer"], name: str,
             frames: int, size: int, total: int | None, limits: VideoLimits,
             threads: int | None = None) -> tuple[int, int, dict]:
@@ -578,15 +590,9 @@ def _decode(open_container: Callable[[], "av.container.InputContainer"], name: s
     kept: dict[int, torch.Tensor] = {}
     count = 0
     with _av_errors(name), open_container() as container:
-        if not container.streams.video:
-            raise VideoDecodeError(name, "no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(container, name, threads)
         info = _stream_info(container, stream)
         limits.check_header(info, name)
-        if threads is None:
-            stream.thread_type = "AUTO"
-        else:
-            stream.thread_count = threads
         if total is None:
             total = info.frames
         wanted = set(_frame_indices(total, frames).tolist()) if total > 0 else set()
@@ -657,13 +663,7 @@ def read_video_window(path: str | os.PathLike, first: int, last: int, frames: in
     kept: dict[int, torch.Tensor] = {}
     count = 0
     with _av_errors(label), open_container() as container:
-        if not container.streams.video:
-            raise VideoDecodeError(label, "no video stream")
-        stream = container.streams.video[0]
-        if threads is None:
-            stream.thread_type = "AUTO"
-        else:
-            stream.thread_count = threads
+        stream = _video_stream(container, label, threads)
         for frame in container.decode(stream):
             if count in wanted:
                 kept[count] = _resize_crop(frame.to_ndarray(format="rgb24"), size)

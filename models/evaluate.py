@@ -487,12 +487,18 @@ def clean_records(model, dataset, suite: Sequence[AttackConfig], *, batch_size: 
 
 
 def plan_units(records: ClipRecords, suite: Sequence[AttackConfig], strategy: str, diagnostics: bool,
-               batch_size: int) -> list[tuple[int, list[int]]]:
+               batch_size: int, max_units: int | None = None) -> list[tuple[int, list[int]]]:
     """The units after the clean pass ``records``: (group index, or ``UNBOUNDED_GROUP``,
-    positions of a batch of clean-correct clips)."""
+    positions of consecutive clean-correct clips). A unit is one batch, or as many whole
+    consecutive batches as keep the plan within ``max_units`` (a large suite at batch size
+    1 over a large test set would otherwise make millions of units); whole batches in
+    order keep each batch exactly the one the unsharded run attacks."""
     rows = np.flatnonzero(records.clean_correct)
-    chunks = [rows[i:i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
     groups = list(range(len(attack_groups(suite, strategy)))) + ([UNBOUNDED_GROUP] if diagnostics else [])
+    batches = -(-len(rows) // batch_size)
+    per_unit = 1 if not max_units else max(1, -(-len(groups) * batches // max_units))
+    size = batch_size * per_unit
+    chunks = [rows[i:i + size].tolist() for i in range(0, len(rows), size)]
     return [(g, chunk) for g in groups for chunk in chunks]
 
 

@@ -193,6 +193,15 @@ def test_units_in_any_order_rebuild_the_unsharded_table(strategy):
                                    batch_size=2))
     for key in ClipRecords.ARRAYS:
         assert np.array_equal(getattr(table, key), getattr(whole, key)), key
+    # A capped plan: units of several whole batches, the same table.
+    capped = plan_units(table, suite, strategy, True, batch_size=2, max_units=len(units) // 2)
+    assert len(capped) <= len(units) // 2 and all(len(rows) in (4, 3) for _, rows in capped)
+    again = clean_records(model, data, suite, batch_size=2, clip_ids=range(9))
+    for unit in capped:
+        apply_unit(again, run_unit(model, data, suite, unit, strategy=strategy, seed=7, clip_ids=range(9),
+                                   batch_size=2))
+    for key in ClipRecords.ARRAYS:
+        assert np.array_equal(getattr(again, key), getattr(whole, key)), key
     assert (whole.outcome == BROKEN).any() and (whole.outcome == SURVIVED).any()
     if strategy == "worst-case":
         assert (whole.outcome == SKIPPED).any()

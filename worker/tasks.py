@@ -726,6 +726,11 @@ def _prepare_shard(ctx: Context, job: Job, parent: Job, run: JobRun) -> None:
     _take_units(ctx, job, parent, run, plan["units"], done, work)
 
 
+# At most this many units in a sharded evaluation's plan (rows of job_units, objects in the
+# store); beyond, a unit holds several consecutive batches.
+MAX_UNITS = 4096
+
+
 def _evaluate_shard(ctx: Context, job: Job, parent: Job, run: JobRun) -> None:
     from robustact.models.evaluate import clean_records, clip_identities, plan_units, run_unit
     from robustact.service.shards import first_stage_key
@@ -743,7 +748,7 @@ def _evaluate_shard(ctx: Context, job: Job, parent: Job, run: JobRun) -> None:
         table = clean_records(model, data, suite, batch_size=params["batch_size"], device=device, clip_ids=ids,
                               should_stop=run.should_stop, num_workers=workers)
         units = [{"group": g, "rows": rows} for g, rows in plan_units(
-            table, suite, strategy, params.get("diagnostics", True), params["batch_size"])]
+            table, suite, strategy, params.get("diagnostics", True), params["batch_size"], max_units=MAX_UNITS)]
         key = first_stage_key(parent.id, job.id)
         buffer = io.BytesIO()
         table.save(buffer)

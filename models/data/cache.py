@@ -1,4 +1,8 @@
-"""Decode an NTU-layout dataset once into a compact cache, and read it as a Dataset.
+"""Decode a dataset once into a compact cache, and read it as a Dataset.
+
+The dataset is in the NTU RGB+D layout or the iMiGUE-style one (``models.data.layouts``:
+the cache's meta records ``layout``, ``joints``, ``skel_channels`` C and ``persons`` M; an
+NTU cache has 25 joints, C = 3, M = 2, an iMiGUE-style one 22 joints, C = 2, M = 1).
 
 ``prepare(root, cache_dir, ...)`` writes (format ``robustact.cache/v2``)::
 
@@ -8,7 +12,7 @@
     cache_dir/clips/NAME.npz    one file per sample: its RGB frames, uint8 (3, T, H, W) as
                                 "rgb" (format raw) or JPEG frames (format jpeg), and the
                                 unscaled skeleton with its range (what resuming needs)
-    cache_dir/skel.npy          float32 (N, 3, skel_frames, 25, 2), already scaled to [0, 1]
+    cache_dir/skel.npy          float32 (N, C, skel_frames, V, M), already scaled to [0, 1]
     cache_dir/labels.npy        int64   (N,)
 
 Plain ``.npy`` / ``.npz`` files, loaded without pickle. ``ClipDataset`` memory-maps
@@ -41,9 +45,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .ntu import (BODIES, JOINTS, PROTOCOLS, EmptySkeletonError, SampleId, class_names,
-                  find_samples, in_train_split, read_skeleton_file, read_video,
-                  resample_skeleton, scale_skeleton)
+from . import layouts
+from .layouts import Layout, Sample, class_names, find_samples, split_member
+from .ntu import PROTOCOLS, EmptySkeletonError, resample_skeleton, scale_skeleton
 
 try:
     import fcntl
@@ -73,10 +77,10 @@ class SkippedSampleWarning(UserWarning):
 
 
 def _present_coords(arr: np.ndarray) -> np.ndarray:
-    """(K, 3) x, y, z of every joint of every body present in a frame of (T, V, 3, M)."""
-    bodies = np.moveaxis(arr, 3, 1)  # (T, M, V, 3)
+    """(K, C) coordinates of every joint of every body present in a frame of (T, V, C, M)."""
+    bodies = np.moveaxis(arr, 3, 1)  # (T, M, V, C)
     present = np.any(bodies != 0, axis=(2, 3))
-    return bodies[present].reshape(-1, 3)
+    return bodies[present].reshape(-1, arr.shape[2])
 
 
 def _check_target(cache_dir: Path) -> None:
@@ -116,7 +120,7 @@ def prepare(root: str | os.PathLike, cache_dir: str | os.PathLike, rgb_frames: i
     With several workers, the error of the earliest such sample among those decoded is
     raised once the clips in flight are done.
 
-    Skeleton scaling constants: ``skel_min`` / ``skel_max`` are the per-axis (x, y, z)
+    Skeleton scaling constants: ``skel_min`` / ``skel_max`` are the per-axis (x, y, z; x, y)
     minimum and maximum over every joint of every body present in any frame of the
     **X-Sub training split** (before resampling, which cannot leave that range). One pair
     serves both protocols so one cache serves both; the few X-View test clips of X-Sub
@@ -154,13 +158,14 @@ def prepare(root: str | os.PathLike, cache_dir: str | os.PathLike, rgb_frames: i
     workers = _worker_count(workers)
     root, cache_dir = Path(root), Path(cache_dir)
     _check_target(cache_dir)
+    layout = layouts.detect(root)
     names = class_names(root)
     samples = find_samples(root)
     if not samples:
         raise ValueError(f"{root}: no sample found")
     for sample in samples:
-        if sample.id.label >= len(names):
-            raise ValueError(f"{sample.name}: action A{sample.id.action:03d} but the dataset has "
+        if sample.label >= len(names):
+            raise ValueError(f"{sample.name}: action A{sample.label + 1:03d} but the dataset has "
                              f"only {len(names)} class names")
     settings = _settings(rgb_frames, rgb_size, skel_frames, cache_format)
     total = 2 * len(samples)
@@ -181,14 +186,14 @@ def prepare(root: str | os.PathLike, cache_dir: str | os.PathLike, rgb_frames: i
         skipped: dict[int, str] = {}
         jobs = []
         for index, sample in enumerate(samples):
-            if sample.skeleton is None or sample.video is None:
-                skipped[index] = "no .skeleton file" if sample.skeleton is None else "no _rgb.avi file"
+            reason = layouts.missing_reason(layout, sample)
+            if reason is not None:
+                skipped[index] = reason
                 warnings.warn(f"skipping sample {sample.name}: {skipped[index]}",
                               SkippedSampleWarning, stacklevel=2)
                 continue
-            job = _ClipJob(index, sample.name, str(sample.skeleton), str(sample.video),
-                           str(clips / f"{sample.name}.npz"), settings, _source(sample),
-                           threads=1 if workers > 1 else None)
+            job = _ClipJob(index, sample.name, layout.name, sample, str(clips / f"{sample.name}.npz"), settings,
+                           layouts.source_stamp(sample), threads=1 if workers > 1 else None)
             info = _clip_info(Path(job.path))
             if info is None or info.get("settings") != settings or info.get("source") != job.source:
                 jobs.append(job)
@@ -212,11 +217,11 @@ def prepare(root: str | os.PathLike, cache_dir: str | os.PathLike, rgb_frames: i
         kept = [s for i, s in enumerate(samples) if i not in skipped]
         if not kept:
             raise ValueError(f"{root}: no usable sample ({len(skipped)} skipped)")
-        meta = _build_meta(root, work, names, samples, kept, skipped, settings,
+        meta = _build_meta(root, work, layout, names, samples, kept, skipped, settings,
                            lambda sample: _clip_arrays(clips / f"{sample.name}.npz"))
         _drop_other_clips(clips, kept)
         meta["bytes_per_clip"] = _bytes_per_clip(sum((clips / f"{s.name}.npz").stat().st_size for s in kept),
-                                                 len(kept), settings)
+                                                 len(kept), settings, layout)
         meta["prepare"] = {"workers": workers, "decoded": decoded, "reused": reused}
         meta["seconds"] = round(time.perf_counter() - started, 3)
         _write_json(work / META_FILE, meta)
@@ -246,6 +251,7 @@ def decode_samples(root: str | os.PathLike, clips_dir: str | os.PathLike, names:
     if cache_format not in RGB_FORMATS:
         raise ValueError(f"cache_format must be one of {RGB_FORMATS}, got {cache_format!r}")
     settings = _settings(rgb_frames, rgb_size, skel_frames, cache_format)
+    layout = layouts.detect(root)
     by_name = {s.name: s for s in find_samples(root)}
     missing = [n for n in names if n not in by_name]
     if missing:
@@ -257,11 +263,12 @@ def decode_samples(root: str | os.PathLike, clips_dir: str | os.PathLike, names:
     jobs = []
     for index, name in enumerate(names):
         sample = by_name[name]
-        if sample.skeleton is None or sample.video is None:
-            reasons[name] = "no .skeleton file" if sample.skeleton is None else "no _rgb.avi file"
+        reason = layouts.missing_reason(layout, sample)
+        if reason is not None:
+            reasons[name] = reason
             continue
-        jobs.append(_ClipJob(index, name, str(sample.skeleton), str(sample.video), str(clips / f"{name}.npz"),
-                             settings, _source(sample), threads=1 if workers > 1 else None))
+        jobs.append(_ClipJob(index, name, layout.name, sample, str(clips / f"{name}.npz"), settings,
+                             layouts.source_stamp(sample), threads=1 if workers > 1 else None))
     _run_jobs(jobs, workers, lambda index, reason: reasons.__setitem__(names[index], reason))
     return {name: reasons[name] for name in names}
 
@@ -281,6 +288,7 @@ def assemble_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, arrays
     root, work = Path(root), Path(cache_dir)
     work.mkdir(parents=True, exist_ok=True)
     settings = _settings(rgb_frames, rgb_size, skel_frames, cache_format)
+    layout = layouts.detect(root)
     names = class_names(root)
     samples = find_samples(root)
     index = {s.name: i for i, s in enumerate(samples)}
@@ -289,18 +297,19 @@ def assemble_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, arrays
         raise ValueError(f"{root}: no sample named {unknown[0]}")
     skipped_at = {index[n]: reason for n, reason in skipped.items()}
     kept = [s for i, s in enumerate(samples) if i not in skipped_at]
-    meta = _build_meta(root, work, names, samples, kept, skipped_at, settings, lambda sample: arrays(sample.name))
-    meta["bytes_per_clip"] = _bytes_per_clip(clip_bytes, len(kept), settings)
+    meta = _build_meta(root, work, layout, names, samples, kept, skipped_at, settings,
+                       lambda sample: arrays(sample.name))
+    meta["bytes_per_clip"] = _bytes_per_clip(clip_bytes, len(kept), settings, layout)
     _write_json(work / MANIFEST_FILE, settings)
     _write_json(work / META_FILE, meta)
     return meta
 
 
-def _build_meta(root: Path, work: Path, names: list[str], samples: list, kept: list, skipped: dict[int, str],
-                settings: dict, arrays: Callable) -> dict:
+def _build_meta(root: Path, work: Path, layout: Layout, names: list[str], samples: list, kept: list,
+                skipped: dict[int, str], settings: dict, arrays: Callable) -> dict:
     """Write ``skel.npy`` and ``labels.npy`` of the ``kept`` samples into ``work`` and return
     the cache's meta (without the run's ``bytes_per_clip``, ``prepare`` and ``seconds``).
-    ``arrays(sample)`` gives a kept sample's (info, unscaled skeleton (T, V, 3, M), coords_min,
+    ``arrays(sample)`` gives a kept sample's (info, unscaled skeleton (T, V, C, M), coords_min,
     coords_max), as its clip file stores them."""
     if not kept:
         raise ValueError(f"{root}: no usable sample ({len(skipped)} skipped)")
@@ -313,14 +322,16 @@ def _build_meta(root: Path, work: Path, names: list[str], samples: list, kept: l
         "rgb_frames": settings["rgb_frames"],
         "rgb_size": settings["rgb_size"],
         "skel_frames": settings["skel_frames"],
-        "joints": JOINTS,
-        "persons": BODIES,
+        "layout": layout.name,
+        "joints": layout.joints,
+        "skel_channels": layout.coords,
+        "persons": layout.persons,
         "cache_format": settings["cache_format"],
-        **_assemble(work, kept, settings, arrays),
+        **_assemble(work, layout, kept, settings, arrays),
         "skipped": [{"name": samples[i].name, "reason": skipped[i]} for i in sorted(skipped)],
-        "splits": {p: {"train": sum(in_train_split(s.id, p) for s in kept),
-                       "test": sum(not in_train_split(s.id, p) for s in kept)}
-                   for p in PROTOCOLS},
+        "splits": {p: {"train": sum(split_member(layout, s.record, p) for s in kept),
+                       "test": sum(not split_member(layout, s.record, p) for s in kept)}
+                   for p in layout.protocols},
     }
 
 
@@ -338,36 +349,32 @@ def _drop_other_clips(clips: Path, kept: list) -> None:
             path.unlink()
 
 
-def _bytes_per_clip(clip_bytes: int, n: int, settings: dict) -> int:
+def _bytes_per_clip(clip_bytes: int, n: int, settings: dict, layout: Layout) -> int:
     """On disk per clip: its clip file, its row of skel.npy and its label."""
-    return round(clip_bytes / n) + 3 * settings["skel_frames"] * JOINTS * BODIES * 4 + 8
+    return round(clip_bytes / n) + layout.coords * settings["skel_frames"] * layout.joints * layout.persons * 4 + 8
 
 
-def _assemble(work: Path, kept: list, settings: dict, arrays: Callable) -> dict:
+def _assemble(work: Path, layout: Layout, kept: list, settings: dict, arrays: Callable) -> dict:
     """Write ``skel.npy`` and ``labels.npy`` of the ``kept`` samples (their skeletons from
     ``arrays``, see ``_build_meta``); return the meta entries that depend on the clips."""
     n, skel_frames = len(kept), settings["skel_frames"]
+    joints, coords, persons = layout.joints, layout.coords, layout.persons
     # Unscaled skeletons go to a scratch memmap: the scaling constants are only known once
     # every training skeleton has been read.
     scratch = np.lib.format.open_memmap(work / "skel_raw.npy", mode="w+", dtype=np.float32,
-                                        shape=(n, skel_frames, JOINTS, 3, BODIES))
+                                        shape=(n, skel_frames, joints, coords, persons))
     records = []
-    lo_train = np.full(3, np.inf)
-    hi_train = np.full(3, -np.inf)
+    lo_train = np.full(coords, np.inf)
+    hi_train = np.full(coords, -np.inf)
     lo_all, hi_all = lo_train.copy(), hi_train.copy()
     for row, sample in enumerate(kept):
         info, skel, lo, hi = arrays(sample)
         scratch[row] = skel
         lo_all, hi_all = np.minimum(lo_all, lo), np.maximum(hi_all, hi)
-        sid = sample.id
-        if in_train_split(sid, "xsub"):
+        if split_member(layout, sample.record, "xsub"):
             lo_train, hi_train = np.minimum(lo_train, lo), np.maximum(hi_train, hi)
-        records.append({
-            "name": sample.name, "setup": sid.setup, "camera": sid.camera,
-            "performer": sid.performer, "replication": sid.replication,
-            "action": sid.action, "label": sid.label,
-            "skeleton_frames": info["skeleton_frames"], "bodies": info["bodies"],
-        })
+        records.append({"name": sample.name, **sample.record, "label": sample.label,
+                        "skeleton_frames": info["skeleton_frames"], "bodies": info["bodies"]})
     if np.all(np.isfinite(lo_train)):
         skel_min, skel_max, source = lo_train, hi_train, "xsub-train"
     else:
@@ -377,22 +384,22 @@ def _assemble(work: Path, kept: list, settings: dict, arrays: Callable) -> dict:
     skel_min = [float(v) for v in skel_min]
     skel_max = [float(v) for v in skel_max]
     skel = np.lib.format.open_memmap(work / SKEL_FILE, mode="w+", dtype=np.float32,
-                                     shape=(n, 3, skel_frames, JOINTS, BODIES))
+                                     shape=(n, coords, skel_frames, joints, persons))
     for i in range(n):
-        # (T, V, 3, M) -> the model layout (3, T, V, M)
+        # (T, V, C, M) -> the model layout (C, T, V, M)
         skel[i] = scale_skeleton(scratch[i], skel_min, skel_max).transpose(2, 0, 1, 3)
     skel.flush()
     del skel, scratch
     os.remove(work / "skel_raw.npy")
-    labels = np.array([s.id.label for s in kept], dtype=np.int64)
+    labels = np.array([s.label for s in kept], dtype=np.int64)
     np.save(work / LABELS_FILE, labels, allow_pickle=False)
     frames, size = settings["rgb_frames"], settings["rgb_size"]
     return {
         "arrays": {
             "rgb": {"dir": CLIPS_DIR, "format": settings["cache_format"], "dtype": "uint8",
                     "layout": "3,T,H,W", "shape": [3, frames, size, size]},
-            "skel": {"file": SKEL_FILE, "dtype": "float32", "layout": "N,3,T,V,M",
-                     "shape": [n, 3, skel_frames, JOINTS, BODIES]},
+            "skel": {"file": SKEL_FILE, "dtype": "float32", "layout": "N,C,T,V,M",
+                     "shape": [n, coords, skel_frames, joints, persons]},
             "labels": {"file": LABELS_FILE, "dtype": "int64", "shape": [n]},
         },
         "skel_min": skel_min,
@@ -412,8 +419,8 @@ class _ClipJob:
 
     index: int
     name: str
-    skeleton: str
-    video: str
+    layout: str
+    sample: Sample
     path: str
     settings: dict
     source: dict
@@ -428,12 +435,6 @@ def _settings(rgb_frames: int, rgb_size: int, skel_frames: int, cache_format: st
 def _describe(settings: dict) -> str:
     return (f"rgb_frames={settings.get('rgb_frames')} rgb_size={settings.get('rgb_size')} "
             f"skel_frames={settings.get('skel_frames')} cache_format={settings.get('cache_format')}")
-
-
-def _source(sample) -> dict:
-    """Size and modification time of a sample's two files (a changed file is decoded again)."""
-    return {kind: [st.st_size, st.st_mtime_ns]
-            for kind, st in (("skeleton", os.stat(sample.skeleton)), ("video", os.stat(sample.video)))}
 
 
 def _worker_count(workers: int | None) -> int:
@@ -526,17 +527,18 @@ def _clip_info(path: Path) -> dict | None:
 def _prepare_clip(job: _ClipJob) -> tuple[int, str | None]:
     """Decode one sample into its clip file; returns (index, reason it was skipped or None)."""
     s = job.settings
+    layout = layouts.by_name(job.layout)
     try:
-        raw = read_skeleton_file(job.skeleton)
+        raw = layouts.read_skeleton(layout, job.sample)
     except EmptySkeletonError as exc:
         return job.index, f"no skeleton body ({exc.message})"
-    rgb = read_video(job.video, s["rgb_frames"], s["rgb_size"], threads=job.threads)
+    rgb = layouts.read_video(layout, job.sample, s["rgb_frames"], s["rgb_size"], threads=job.threads)
     coords = _present_coords(raw)
     info = {"name": job.name, "settings": s, "source": job.source,
             "skeleton_frames": int(raw.shape[0]),
             "bodies": int(np.any(raw != 0, axis=(0, 1, 2)).sum())}
     _write_clip(Path(job.path), info, {
-        "skel": resample_skeleton(raw, s["skel_frames"]),  # (T, V, 3, M), unscaled
+        "skel": resample_skeleton(raw, s["skel_frames"]),  # (T, V, C, M), unscaled
         "coords_min": coords.min(axis=0), "coords_max": coords.max(axis=0),
         **_encode_rgb(rgb, s["cache_format"])})
     return job.index, None
@@ -693,12 +695,12 @@ class ClipDataset(Dataset):
 
     ``protocol`` is "xsub" or "xview"; ``split`` is "train", "test" or "all" (every
     sample, whatever the protocol). Items are ``(rgb, skel, label)``: rgb float32
-    ``(3, T, H, W)`` in [0, 1], skel float32 ``(3, T, V, M)`` in [0, 1] (absent bodies 0),
-    label int.
+    ``(3, T, H, W)`` in [0, 1], skel float32 ``(C, T, V, M)`` in [0, 1] (absent bodies 0),
+    label int. (C, V, M: the layout's, see the module docstring.)
 
     Attributes: ``meta`` (the cache's meta.json), ``class_names``, ``num_classes``,
     ``indices`` (int64 rows of the cache in this split), ``labels`` (int64, per item),
-    ``sample_names``, ``skel_min`` / ``skel_max`` (3 floats each; store them with a model
+    ``sample_names``, ``skel_min`` / ``skel_max`` (C floats each; store them with a model
     so uploads are scaled the same way).
 
     ``skel.npy`` is memory-mapped lazily in each process (a DataLoader worker opens its
@@ -722,6 +724,10 @@ class ClipDataset(Dataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.cache_dir = Path(cache_dir)
         self.meta = load_meta(self.cache_dir)
+        self.layout = layouts.of_meta(self.meta)
+        if protocol not in self.layout.protocols:
+            raise ValueError(f"{self.cache_dir}: an {self.layout.name}-layout cache has the protocol(s) "
+                             f"{', '.join(self.layout.protocols)}, not {protocol!r}")
         self.protocol, self.split = protocol, split
         samples = self.meta["samples"]
         all_labels = np.load(self.cache_dir / LABELS_FILE, allow_pickle=False)
@@ -731,8 +737,7 @@ class ClipDataset(Dataset):
             rows = range(len(samples))
         else:
             want = split == "train"
-            rows = [i for i, s in enumerate(samples)
-                    if in_train_split(_sample_id(s), protocol) == want]
+            rows = [i for i, s in enumerate(samples) if split_member(self.layout, s, protocol) == want]
         self.indices = np.asarray(list(rows), dtype=np.int64)
         if self.indices.size == 0:
             raise ValueError(f"{self.cache_dir}: the {protocol}/{split} split is empty")
@@ -742,8 +747,10 @@ class ClipDataset(Dataset):
         if normalisation is not None:
             lo = tuple(float(v) for v in normalisation["skel_min"])
             hi = tuple(float(v) for v in normalisation["skel_max"])
-            if len(lo) != 3 or len(hi) != 3:
-                raise ValueError("normalisation needs 3 skel_min and 3 skel_max values (x, y, z)")
+            coords = self.layout.coords
+            if len(lo) != coords or len(hi) != coords:
+                raise ValueError(f"normalisation needs {coords} skel_min and {coords} skel_max values "
+                                 f"({'x, y, z' if coords == 3 else 'x, y'}) for this cache")
             cache = (tuple(float(v) for v in self.meta["skel_min"]), tuple(float(v) for v in self.meta["skel_max"]))
             if (lo, hi) != cache:
                 self._norm = (lo, hi)
@@ -759,13 +766,13 @@ class ClipDataset(Dataset):
         return len(self.meta["class_names"])
 
     @property
-    def skel_min(self) -> tuple[float, float, float]:
+    def skel_min(self) -> tuple[float, ...]:
         """The constants the items' skeletons are scaled with (the cache's, or the
         ``normalisation`` given)."""
         return self._norm[0] if self._norm else tuple(float(v) for v in self.meta["skel_min"])
 
     @property
-    def skel_max(self) -> tuple[float, float, float]:
+    def skel_max(self) -> tuple[float, ...]:
         return self._norm[1] if self._norm else tuple(float(v) for v in self.meta["skel_max"])
 
     @property
@@ -792,20 +799,21 @@ class ClipDataset(Dataset):
         return int(self.indices.size)
 
     def _rescaled_skeleton(self, row: int) -> np.ndarray:
-        """float32 (3, T, V, M) of row ``row`` scaled with ``normalisation``."""
+        """float32 (C, T, V, M) of row ``row`` scaled with ``normalisation``."""
         lo, hi = self._norm
         if self._rgb is None:  # v2: the clip file keeps the unscaled skeleton
             path = self.cache_dir / CLIPS_DIR / f"{self.meta['samples'][row]['name']}.npz"
             with np.load(path, allow_pickle=False) as clip:
                 raw = clip["skel"]
             return scale_skeleton(raw, lo, hi).transpose(2, 0, 1, 3)
-        scaled = np.asarray(self._skel[row], dtype=np.float32)  # (3, T, V, M), cache constants
+        scaled = np.asarray(self._skel[row], dtype=np.float32)  # (C, T, V, M), cache constants
         present = np.any(scaled != 0, axis=(0, 2))  # (T, M)
-        c_lo = np.asarray(self.meta["skel_min"], dtype=np.float32).reshape(3, 1, 1, 1)
-        c_hi = np.asarray(self.meta["skel_max"], dtype=np.float32).reshape(3, 1, 1, 1)
+        c = scaled.shape[0]
+        c_lo = np.asarray(self.meta["skel_min"], dtype=np.float32).reshape(c, 1, 1, 1)
+        c_hi = np.asarray(self.meta["skel_max"], dtype=np.float32).reshape(c, 1, 1, 1)
         raw = scaled * np.maximum(c_hi - c_lo, np.float32(1e-6)) + c_lo
-        n_lo = np.asarray(lo, dtype=np.float32).reshape(3, 1, 1, 1)
-        n_hi = np.asarray(hi, dtype=np.float32).reshape(3, 1, 1, 1)
+        n_lo = np.asarray(lo, dtype=np.float32).reshape(c, 1, 1, 1)
+        n_hi = np.asarray(hi, dtype=np.float32).reshape(c, 1, 1, 1)
         out = np.clip((raw - n_lo) / np.maximum(n_hi - n_lo, np.float32(1e-6)), 0.0, 1.0).astype(np.float32)
         return out * present[None, :, None, :]
 
@@ -855,11 +863,6 @@ class ClipDataset(Dataset):
     def __repr__(self) -> str:
         return (f"ClipDataset({str(self.cache_dir)!r}, protocol={self.protocol!r}, "
                 f"split={self.split!r}, items={len(self)}, classes={self.num_classes})")
-
-
-def _sample_id(record: dict) -> SampleId:
-    return SampleId(record["setup"], record["camera"], record["performer"],
-                    record["replication"], record["action"])
 
 
 def load_split(cache_dir: str | os.PathLike, protocol: str, split: str, max_samples: int | None = None,

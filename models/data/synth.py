@@ -57,6 +57,12 @@ MOTIONS: tuple[tuple[str, int], ...] = (
     ("bend to the side", 1),
 )
 MAX_CLASSES = len(MOTIONS)
+# What a body may hold in its right hand, drawn in the video only (the skeleton is the same
+# with or without it): with ``objects=n`` every motion comes in n classes, one per entry
+# of this table, as NTU's "drink water" and "eat meal" differ less in the joints than in
+# what the camera sees. Entry 0 is the empty hand.
+OBJECTS: tuple[str, ...] = ("", "holding a long stick", "holding a big ball")
+_STICK_LENGTH, _STICK_RADIUS, _BALL_RADIUS = 0.95, 0.05, 0.2  # metres
 
 # Body segment lengths in metres for a body scale of 1.
 _SPINE_MID, _SPINE_SHOULDER, _NECK, _HEAD = 0.27, 0.50, 0.58, 0.14
@@ -277,9 +283,28 @@ def _subject_style(seed: int, subject: int) -> dict[str, float]:
                 amp=rng.uniform(0.8, 1.05), phase=rng.uniform(0, 0.6))
 
 
-def _sample_skeletons(sid: SampleId, frames: int, seed: int, rng: np.random.Generator
-                      ) -> list[np.ndarray]:
-    """Camera-space joints (T, 25, 3) in metres of every body in the sample."""
+def class_table(num_classes: int, objects: int = 1, motions: Sequence[int] | None = None
+                ) -> list[tuple[str, int, int]]:
+    """(name, motion index into ``MOTIONS``, object index into ``OBJECTS``) of each class:
+    class k is motion ``motions[k // objects]`` (default: the table's order) holding object
+    ``k % objects``."""
+    if not 1 <= objects <= len(OBJECTS):
+        raise ValueError(f"objects must be in 1..{len(OBJECTS)}, got {objects}")
+    motions = list(range(MAX_CLASSES)) if motions is None else list(motions)
+    if not 2 <= num_classes <= len(motions) * objects:
+        raise ValueError(f"num_classes must be in 2..{len(motions) * objects} with objects={objects}, "
+                         f"got {num_classes}")
+    out = []
+    for k in range(num_classes):
+        motion, obj = motions[k // objects], k % objects
+        out.append((MOTIONS[motion][0] + (f" {OBJECTS[obj]}" if obj else ""), motion, obj))
+    return out
+
+
+def _sample_skeletons(sid: SampleId, frames: int, seed: int, rng: np.random.Generator,
+                      motion: int | None = None) -> list[np.ndarray]:
+    """Camera-space joints (T, 25, 3) in metres of every body in the sample (of motion
+    ``motion``, by default the sample's label)."""
     style = _subject_style(seed, sid.performer)
     t = np.linspace(0.0, 1.0, frames)
     speed = style["speed"] * rng.uniform(0.95, 1.05)
@@ -291,7 +316,7 @@ def _sample_skeletons(sid: SampleId, frames: int, seed: int, rng: np.random.Gene
     depth = 3.2 + rng.uniform(-0.2, 0.2)
     offset = np.array([rng.uniform(-0.05, 0.05), 0.0, depth])
     bodies = []
-    for k, params in enumerate(_motion(sid.label, t, speed, amp, phase)):
+    for k, params in enumerate(_motion(sid.label if motion is None else motion, t, speed, amp, phase)):
         scale = style["scale"] if k == 0 else 2.0 - style["scale"]  # partner differs in size
         joints = _forward_kinematics(params, scale)
         joints = np.einsum("tij,tvj->tvi", view, joints) + offset
@@ -423,37 +448,83 @@ def _draw_figure(img: np.ndarray, uv: np.ndarray, depth: np.ndarray, focal: floa
         region += fill * (colour - region)
 
 
+def _project(points: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Pixel coordinates (..., 2) of camera-space points (..., 3) in a w × h frame."""
+    focal = 1.1 * h
+    centre_y = -0.08  # look slightly below the hips so head and feet both fit
+    z = np.maximum(points[..., 2], 0.5)
+    return np.stack([w / 2 + focal * points[..., 0] / z, h / 2 - focal * (points[..., 1] - centre_y) / z], axis=-1)
+
+
+def _held_object(joints: np.ndarray, kind: np.ndarray, w: int, h: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Capsules (start uv, end uv, radius px), each (T, ...), of what the right hand holds:
+    ``kind`` (T,) indexes ``OBJECTS``. A stick continues the forearm from the hand; a ball
+    sits just beyond the hand tip. Frames with an empty hand get radius 0 (not drawn)."""
+    hand, elbow, tip = joints[:, 11], joints[:, 9], joints[:, 23]
+    along = hand - elbow
+    along /= np.maximum(np.linalg.norm(along, axis=1, keepdims=True), 1e-6)
+    stick = kind == 1
+    start = np.where(stick[:, None], hand, tip + _BALL_RADIUS * along)
+    end = np.where(stick[:, None], hand + _STICK_LENGTH * along, start)
+    radius_m = np.select([kind == 1, kind == 2], [_STICK_RADIUS, _BALL_RADIUS], 0.0)
+    depth = np.maximum(start[:, 2], 0.5)
+    return _project(start, w, h), _project(end, w, h), (1.1 * h * radius_m / depth).astype(np.float32)
+
+
+def _draw_capsules(img: np.ndarray, start: np.ndarray, end: np.ndarray, radius: np.ndarray,
+                   colour: np.ndarray) -> None:
+    """Draw one capsule per frame into ``img`` (T, h, w, 3): segment ``start``..``end``
+    (T, 2) pixels with ``radius`` (T,) pixels, outlined and anti-aliased like the limbs."""
+    frames, h, w, _ = img.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for f in range(frames):
+        if radius[f] <= 0:
+            continue
+        (ax, ay), (bx, by) = start[f], end[f]
+        dx, dy = bx - ax, by - ay
+        s = np.clip(((xx - ax) * dx + (yy - ay) * dy) / max(dx * dx + dy * dy, 1e-6), 0.0, 1.0)
+        dist = np.hypot(xx - ax - s * dx, yy - ay - s * dy)[..., None]
+        outline = np.clip(radius[f] + 1.5 - dist, 0.0, 1.0)
+        fill = np.clip(radius[f] + 0.5 - dist, 0.0, 1.0)
+        img[f] += outline * (0.2 * colour - img[f])
+        img[f] += fill * (colour - img[f])
+
+
 def _render(bodies: list[np.ndarray], w: int, h: int, colour: np.ndarray,
-            rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Yield the RGB frames (h, w, 3) uint8 of the given camera-space skeletons."""
+            rng: np.random.Generator, held: np.ndarray | None = None,
+            held_colour: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Yield the RGB frames (h, w, 3) uint8 of the given camera-space skeletons.
+
+    ``held`` (T,) indexes ``OBJECTS``: what the first body holds in its right hand in each
+    frame, drawn in ``held_colour``."""
     frames = bodies[0].shape[0]
     paint = _background(rng, frames, w, h)
     focal = 1.1 * h
-    centre_y = -0.08  # look slightly below the hips so head and feet both fit
     figures = []
     # Paint the farther body first so the nearer one occludes it.
-    for joints in sorted(bodies, key=lambda j: -float(j[..., 2].mean())):
-        z = np.maximum(joints[..., 2], 0.5)
-        uv = np.stack([w / 2 + focal * joints[..., 0] / z,
-                       h / 2 - focal * (joints[..., 1] - centre_y) / z], axis=-1)
-        figures.append((uv, joints[..., 2].mean(axis=1)))
+    for k, joints in sorted(enumerate(bodies), key=lambda kj: -float(kj[1][..., 2].mean())):
+        obj = _held_object(joints, held, w, h) if k == 0 and held is not None and held.any() else None
+        figures.append((_project(joints, w, h), joints[..., 2].mean(axis=1), obj))
     chunk = max(1, 4_000_000 // (h * w * 3))  # frames per chunk: ~16 MB of float32
     for f0 in range(0, frames, chunk):
         f1 = min(frames, f0 + chunk)
         img = paint(f0, f1)
-        for uv, depth in figures:
+        for uv, depth, obj in figures:
             _draw_figure(img, uv[f0:f1], depth[f0:f1], focal, colour)
+            if obj is not None:
+                _draw_capsules(img, obj[0][f0:f1], obj[1][f0:f1], obj[2][f0:f1], held_colour)
         yield from np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _write_video(path: Path, clip: Iterable[np.ndarray], w: int, h: int) -> None:
+def _write_video(path: Path, clip: Iterable[np.ndarray], w: int, h: int, container_format: str = "avi") -> None:
     """Encode (h, w, 3) uint8 frames as MPEG-4 Part 2 in AVI (the release's codec family).
 
     Written under a temporary name and renamed, so an interrupted run leaves no
     truncated video that would later fail to decode."""
     tmp = path.with_name(path.name + ".part")
     try:
-        with av.open(str(tmp), mode="w", format="avi") as container:
+        with av.open(str(tmp), mode="w", format=container_format) as container:
             stream = container.add_stream("mpeg4", rate=FPS)
             stream.width, stream.height = w, h
             stream.pix_fmt = "yuv420p"
@@ -484,7 +555,7 @@ def synthesize(root: str | os.PathLike, num_classes: int = 6,
                replications: Sequence[int] = (1, 2), frames: int = 48,
                video_size: tuple[int, int] = (96, 72), seed: int = 0,
                progress: Callable[[int, int], None] | None = None,
-               empty_sample: bool = False) -> dict:
+               empty_sample: bool = False, objects: int = 1) -> dict:
     """Write a synthetic dataset in the NTU RGB+D layout under ``root``; return a summary.
 
     One sample per (subject, camera, replication, class): ``SsssCcccPpppRrrrAaaa`` with
@@ -498,14 +569,17 @@ def synthesize(root: str | os.PathLike, num_classes: int = 6,
     one past the largest, action 1) whose video is normal but whose ``.skeleton`` file has
     no body in any frame, like the 302 such samples of the real release.
 
+    ``objects`` > 1 makes each motion n classes that differ only in what the right hand
+    holds (``OBJECTS``; see ``class_table``), which only the video shows: the skeleton
+    alone cannot tell them apart, the video has to.
+
     ``progress(done, total)`` is called after each sample.
     Returns ``{"root", "num_samples", "num_classes", "class_names", "subjects", "cameras",
     "replications", "frames", "video_size", "two_body_classes", "empty_samples", "seed",
     "seconds"}``.
     """
     started = time.perf_counter()
-    if not 2 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be in 2..{MAX_CLASSES}, got {num_classes}")
+    table = class_table(num_classes, objects)
     for label, values in (("subjects", subjects), ("cameras", cameras),
                           ("replications", replications)):
         if not values or any(not 1 <= int(v) <= 999 for v in values):
@@ -522,7 +596,7 @@ def synthesize(root: str | os.PathLike, num_classes: int = 6,
     skel_dir, rgb_dir = root / SKELETON_DIR, root / RGB_DIR
     skel_dir.mkdir(parents=True, exist_ok=True)
     rgb_dir.mkdir(parents=True, exist_ok=True)
-    names = [MOTIONS[k][0] for k in range(num_classes)]
+    names = [name for name, _, _ in table]
     (root / CLASSES_FILE).write_text("\n".join(names) + "\n", encoding="utf-8")
 
     ids = [SampleId(SETUP, int(c), int(s), int(r), k + 1)
@@ -536,13 +610,19 @@ def synthesize(root: str | os.PathLike, num_classes: int = 6,
     for done, sid in enumerate(ids + empty_ids, start=1):
         rng = np.random.default_rng([seed, 1, sid.setup, sid.camera, sid.performer,
                                      sid.replication, sid.action])
-        bodies = _sample_skeletons(sid, frames, seed, rng)
+        _, motion, obj = table[sid.label]
+        bodies = _sample_skeletons(sid, frames, seed, rng, motion)
         colour = _PALETTE[rng.integers(len(_PALETTE))]  # per sample, never per class
         text = (_empty_skeleton_text(frames) if sid in empty_ids
                 else _skeleton_text(bodies, frames, rng))
         _write_text(skel_dir / f"{sid.name}{SKELETON_SUFFIX}", text)
+        held = held_colour = None
+        if obj:
+            held = np.full(frames, obj)
+            held_colour = _PALETTE[(int(np.flatnonzero((_PALETTE == colour).all(axis=1))[0])
+                                    + 1 + rng.integers(len(_PALETTE) - 1)) % len(_PALETTE)]
         _write_video(rgb_dir / f"{sid.name}{VIDEO_SUFFIX}",
-                     _render(bodies, width, height, colour, rng), width, height)
+                     _render(bodies, width, height, colour, rng, held, held_colour), width, height)
         if progress is not None:
             progress(done, total)
     return {
@@ -555,7 +635,8 @@ def synthesize(root: str | os.PathLike, num_classes: int = 6,
         "replications": [int(r) for r in replications],
         "frames": frames,
         "video_size": [width, height],
-        "two_body_classes": [n for n, bodies in MOTIONS[:num_classes] if bodies > 1],
+        "two_body_classes": [name for name, motion, _ in table if MOTIONS[motion][1] > 1],
+        "objects": objects,
         "empty_samples": [sid.name for sid in empty_ids],
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 3),

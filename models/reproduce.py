@@ -55,8 +55,15 @@ class ReproducePlan:
     """Sizes of a reproduction run. ``SIZES`` holds the named plans."""
 
     size: str = "default"
-    # Synthetic set (``models.data.synth.synthesize``): one clip per subject × camera ×
-    # replication × class. Subjects 1, 2, 4, 5, 8 are X-Sub training subjects.
+    # Synthetic set: one clip per subject × camera × replication × class. Subjects 1, 2, 4,
+    # 5, 8 are X-Sub training subjects. ``layout`` "ntu" writes it with
+    # ``models.data.synth.synthesize`` (3-D, 25 joints, 2 bodies); "imigue" with
+    # ``models.data.synth_imigue.synthesize_imigue`` (2-D OpenPose, 22 joints, 1 body), as
+    # cameras × replications sessions per subject, so both layouts have as many clips.
+    # ``objects``: each motion is that many classes, told apart only by what the hand holds
+    # (only the video shows it), so that neither modality alone reaches 100 %.
+    layout: str = "ntu"
+    objects: int = 2
     classes: int = 6
     subjects: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     cameras: tuple[int, ...] = (1, 2, 3)
@@ -64,8 +71,8 @@ class ReproducePlan:
     frames: int = 48
     # Training: clean objectives (None, MinSim, ExFMem, unimodal) are cheap and get
     # ``clean_epochs``; adversarial ones (AT-*, every AMR model) ``adv_epochs``.
-    clean_epochs: int = 30
-    adv_epochs: int = 20
+    clean_epochs: int = 40
+    adv_epochs: int = 30
     batch_size: int = 16
     optimizer: str = "adam"
     lr: float = 0.001
@@ -87,6 +94,8 @@ class ReproducePlan:
     def __post_init__(self):
         if self.classes < 2:
             raise ValueError("classes must be at least 2")
+        if self.layout not in ("ntu", "imigue"):
+            raise ValueError(f"layout must be ntu or imigue, got {self.layout!r}")
         if not any(s in XSUB_TRAIN_SUBJECTS for s in self.subjects) or all(s in XSUB_TRAIN_SUBJECTS for s in self.subjects):
             raise ValueError("subjects must include X-Sub training and test subjects")
         if min(self.clean_epochs, self.adv_epochs, self.train_attack_steps, self.pgd_steps, self.cw_steps) < 1:
@@ -148,7 +157,7 @@ class ReproducePlan:
         est = self.estimate()
         models = self.models()
         adv = sum(m.adversarial for m in models)
-        return (f"plan {self.size}: {self.num_clips} synthetic clips of {self.classes} classes "
+        return (f"plan {self.size}: {self.num_clips} synthetic {self.layout}-layout clips of {self.classes} classes "
                 f"({self.train_clips} X-Sub train, {self.test_clips} test, {self.eval_clips} evaluated); "
                 f"{len(models)} models ({len(models) - adv} clean × {self.clean_epochs} epochs, "
                 f"{adv} adversarial × {self.adv_epochs} epochs, PGD-{self.train_attack_steps}); "
@@ -161,16 +170,16 @@ SIZES: dict[str, ReproducePlan] = {
     # ~40 min on 2 CPU cores (see COSTS); the README's quickstart set (288 clips).
     "default": ReproducePlan(),
     # For tests: 24 clips of 3 classes, one epoch each, 3 evaluated clips, short attacks.
-    "small": ReproducePlan(size="small", classes=3, subjects=(1, 3), cameras=(1, 2), replications=(1, 2),
+    "small": ReproducePlan(size="small", classes=4, subjects=(1, 3), cameras=(1, 2), replications=(1, 2),
                            frames=16, clean_epochs=1, adv_epochs=1, batch_size=8, train_attack_steps=1,
                            eval_limit=3, pgd_steps=2, cw_steps=2, curve_eps=(4.0, 8.0)),
 }
 
 
-def plan_for(size: str, *, seed: int = 0, epochs: int | None = None) -> ReproducePlan:
+def plan_for(size: str, *, seed: int = 0, epochs: int | None = None, layout: str = "ntu") -> ReproducePlan:
     if size not in SIZES:
         raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
-    plan = dataclasses.replace(SIZES[size], seed=seed)
+    plan = dataclasses.replace(SIZES[size], seed=seed, layout=layout)
     return plan.with_epochs(epochs) if epochs is not None else plan
 
 
@@ -247,10 +256,11 @@ def amr_count_key(plan: ReproducePlan, n: int) -> str:
     return "at-rs" if n == 0 else "amr" if n == plan.num_amr else f"amr-{n}"
 
 
-def _configs(plan: ReproducePlan, spec: ModelSpec, num_classes: int):
+def _configs(plan: ReproducePlan, spec: ModelSpec, num_classes: int, geometry: dict | None = None):
     from .config import resolve_model_config
 
-    model_cfg = preset_config(PRESET, arch=spec.arch, num_classes=num_classes, num_amr=spec.num_amr)
+    model_cfg = preset_config(PRESET, arch=spec.arch, num_classes=num_classes, num_amr=spec.num_amr,
+                              **(geometry or {}))
     eps = plan.eps / 255
     train_cfg = TrainConfig(defence=spec.defence, lam=spec.lam,
                             epochs=plan.adv_epochs if spec.adversarial else plan.clean_epochs,
@@ -413,11 +423,19 @@ def _run_stage(plan, out: Path, cache: Path, stage: Stage, device, step) -> str:
             return "skipped"
         from .data.cache import prepare
         from .data.synth import synthesize
+        from .data.synth_imigue import synthesize_imigue
 
         raw = out / "data" / "raw"
-        synthesize(raw, num_classes=plan.classes, subjects=plan.subjects, cameras=plan.cameras,
-                   replications=plan.replications, frames=plan.frames, seed=plan.seed,
-                   progress=lambda d, t: step({"phase": "data", "step": d, "steps": 3 * t}))
+        if plan.layout == "imigue":
+            sessions = len(plan.cameras) * len(plan.replications)
+            synthesize_imigue(raw, num_classes=plan.classes, subjects=plan.subjects, sessions=sessions,
+                              frames=plan.frames, seed=plan.seed, objects=plan.objects,
+                              progress=lambda d, t: step({"phase": "data", "step": d * plan.classes,
+                                                          "steps": 3 * t * plan.classes}))
+        else:
+            synthesize(raw, num_classes=plan.classes, subjects=plan.subjects, cameras=plan.cameras,
+                       replications=plan.replications, frames=plan.frames, seed=plan.seed, objects=plan.objects,
+                       progress=lambda d, t: step({"phase": "data", "step": d, "steps": 3 * t}))
         n = plan.num_clips
         p = preset_config(PRESET)
         prepare(raw, cache, rgb_frames=p.rgb_frames, rgb_size=p.rgb_size, skel_frames=p.skel_frames,
@@ -430,8 +448,10 @@ def _run_stage(plan, out: Path, cache: Path, stage: Stage, device, step) -> str:
         from .data.cache import ClipDataset
         from .train import train
 
+        from .data.layouts import cache_geometry
+
         dataset = ClipDataset(cache, protocol="xsub", split="train")
-        model_cfg, train_cfg = _configs(plan, stage.spec, len(dataset.class_names))
+        model_cfg, train_cfg = _configs(plan, stage.spec, len(dataset.class_names), cache_geometry(dataset.meta))
         with _flush_denormals():
             train(model_cfg, train_cfg, dataset, run_dir, preset=PRESET, device=device, resume=True,
                   progress=lambda p: step(p) if p["phase"] == "train" else None)
@@ -452,7 +472,8 @@ def _run_stage(plan, out: Path, cache: Path, stage: Stage, device, step) -> str:
             dataset = dataset.subset(plan.eval_limit, seed=plan.seed)
         report, records = evaluate(net, meta, dataset, _suite(plan, stage.spec), batch_size=plan.eval_batch_size,
                                    seed=plan.seed, device=device, progress=step,
-                                   dataset_info={"name": "synthetic", "cache": str(cache), "protocol": "xsub",
+                                   dataset_info={"name": "synthetic", "layout": plan.layout, "cache": str(cache),
+                                                 "protocol": "xsub",
                                                  "split": "test"},
                                    model_info={"name": stage.spec.name, "key": stage.key,
                                                "checkpoint": str(model_dir)})

@@ -80,28 +80,44 @@ def _ints(value: str, option: str) -> tuple[int, ...]:
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Path, typer.Option(help="Dataset root to write (NTU layout: nturgb+d_skeletons/, nturgb+d_rgb/, classes.txt).")],
-    classes: Annotated[int, typer.Option(help="Number of action classes (distinct parametric whole-body motions).")] = 6,
+    out: Annotated[Path, typer.Option(help="Dataset root to write (NTU layout: nturgb+d_skeletons/, nturgb+d_rgb/, classes.txt; "
+                                           "iMiGUE layout: classes.txt, labels.csv, split.json, videos/, skeleton/).")],
+    layout: Annotated[str, typer.Option(help="ntu (3-D Kinect skeletons, 25 joints, .avi per clip) or imigue (2-D OpenPose JSON per "
+                                             "frame, 22 upper-body joints, labelled clips of one .mp4 per session).")] = "ntu",
+    classes: Annotated[int, typer.Option(help="Number of action classes (distinct parametric motions × held objects).")] = 6,
+    objects: Annotated[int, typer.Option(help="Held objects per motion (1-3): with 2, each motion is two classes told apart only "
+                                              "in the video (empty hand, long stick), so neither modality alone suffices.")] = 1,
     subjects: Annotated[str, typer.Option(help="Performer ids, comma-separated. X-Sub trains on 1,2,4,5,8,9,13,…; others are test.")] = "1,2,3,4,5,6,7,8",
-    cameras: Annotated[str, typer.Option(help="Camera ids (views), comma-separated. X-View trains on 2,3.")] = "1,2,3",
-    replications: Annotated[str, typer.Option(help="Replication ids, comma-separated.")] = "1,2",
+    cameras: Annotated[str, typer.Option(help="Camera ids (views), comma-separated. X-View trains on 2,3. NTU layout only.")] = "1,2,3",
+    replications: Annotated[str, typer.Option(help="Replication ids, comma-separated. NTU layout only.")] = "1,2",
+    sessions: Annotated[int, typer.Option(help="Recording sessions (videos) per subject, each with one clip of every class. iMiGUE layout only.")] = 6,
     frames: Annotated[int, typer.Option(help="Frames per clip.")] = 48,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same dataset.")] = 0,
 ):
-    """Write a synthetic dataset in exactly the NTU RGB+D 60 on-disk layout (skeleton text files and .avi videos)."""
+    """Write a synthetic dataset in the NTU RGB+D 60 on-disk layout (skeleton text files and .avi videos) or the
+    iMiGUE-style one (OpenPose JSON per frame, labelled clips of longer videos)."""
     with _user_errors():
         from robustact.models.data.synth import synthesize
+        from robustact.models.data.synth_imigue import synthesize_imigue
 
+        if layout not in ("ntu", "imigue"):
+            raise ValueError(f"--layout must be ntu or imigue, got {layout!r}")
         with _progress_bar("synthesising") as update:
-            summary = synthesize(out, num_classes=classes, subjects=_ints(subjects, "--subjects"),
-                                 cameras=_ints(cameras, "--cameras"), replications=_ints(replications, "--replications"),
-                                 frames=frames, seed=seed, progress=lambda d, t: update(d, t))
+            if layout == "imigue":
+                summary = synthesize_imigue(out, num_classes=classes, subjects=_ints(subjects, "--subjects"),
+                                            sessions=sessions, frames=frames, seed=seed, objects=objects,
+                                            progress=lambda d, t: update(d, t))
+            else:
+                summary = synthesize(out, num_classes=classes, subjects=_ints(subjects, "--subjects"),
+                                     cameras=_ints(cameras, "--cameras"), replications=_ints(replications, "--replications"),
+                                     frames=frames, seed=seed, objects=objects, progress=lambda d, t: update(d, t))
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
 @data_app.command("prepare")
 def data_prepare(
-    root: Annotated[Path, typer.Argument(help="NTU RGB+D 60 root (holding nturgb+d_skeletons/ and nturgb+d_rgb/), real or synthetic.")],
+    root: Annotated[Path, typer.Argument(help="Dataset root, real or synthetic: NTU RGB+D 60 (nturgb+d_skeletons/, nturgb+d_rgb/) or "
+                                              "iMiGUE-style (labels.csv, split.json, videos/, skeleton/).")],
     out: Annotated[Path, typer.Option(help="Cache directory to write (meta.json, skel.npy, labels.npy, clips/).")],
     preset: Annotated[str, typer.Option(help="Model preset whose input sizes the cache is decoded to: tiny or paper.")] = "tiny",
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding processes (default: one per core).")] = None,
@@ -137,12 +153,20 @@ def _open_dataset(cache: Path, protocol: str, split: str, normalisation: dict | 
 
 
 def _check_sizes(dataset, model_cfg) -> None:
+    from robustact.models.data.layouts import cache_geometry
+
     meta = dataset.meta
     want = (model_cfg.rgb_frames, model_cfg.rgb_size, model_cfg.skel_frames)
     have = (meta["rgb_frames"], meta["rgb_size"], meta["skel_frames"])
     if want != have:
         raise ValueError(f"the cache was prepared for rgb_frames/rgb_size/skel_frames={have} but the model "
                          f"expects {want}; run `robustact data prepare --preset …` for this preset")
+    geometry = cache_geometry(meta)
+    model = {k: getattr(model_cfg, k) for k in geometry}
+    if model != geometry:
+        raise ValueError(f"the cache holds skeletons of {geometry['joints']} joints × {geometry['skel_channels']} "
+                         f"coordinates × {geometry['persons']} bodies but the model takes {model['joints']} × "
+                         f"{model['skel_channels']} × {model['persons']}: it was trained on another layout")
 
 
 @app.command()
@@ -197,6 +221,7 @@ def train(
         from robustact.models.config import (AMR_DEFENCES, EXFMEM_DEFENCES, AttackConfig, ConfigError, TrainConfig,
                                              preset_config, resolve_model_config)
         from robustact.models.data.cache import ClipDataset
+        from robustact.models.data.layouts import cache_geometry
         from robustact.models.distributed import DistributedError, torchrun_rank, train_data_parallel
         from robustact.models.train import train as run_training
 
@@ -206,6 +231,7 @@ def train(
             amr_init = 0.0 if amr_activation == "sigmoid" else 0.5  # W = 0.5 either way
         dataset = _open_dataset(data, protocol, "train")
         model_cfg = preset_config(preset, arch=arch, num_classes=len(dataset.class_names), num_amr=num_amr,
+                                  **cache_geometry(dataset.meta),
                                   amr_activation=amr_activation, amr_init=amr_init,
                                   exfmem_size=exfmem_size if defence in EXFMEM_DEFENCES else 0,
                                   exfmem_lambda=exfmem_lambda, exfmem_mix=exfmem_mix, exfmem_steps=exfmem_steps)
@@ -580,12 +606,13 @@ def reproduce(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic set, initialisation, shuffling and attacks.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
     epochs: Annotated[Optional[int], typer.Option(help="Train every model for this many epochs (overrides the plan's clean and adversarial epochs).")] = None,
+    layout: Annotated[str, typer.Option(help="Synthetic set layout: ntu (3-D Kinect skeletons, 25 joints) or imigue (2-D OpenPose JSON, 22 upper-body joints).")] = "ntu",
 ):
     """Train every defence of the paper on a synthetic set (tiny preset), attack them, and write Tables 1-5 and Figures 2 and 4."""
     with _user_errors():
         from robustact.models.reproduce import plan_for, run_plan
 
-        plan = plan_for(size, seed=seed, epochs=epochs)
+        plan = plan_for(size, seed=seed, epochs=epochs, layout=layout)
         with _progress_bar("reproduce") as update:
             def on_progress(p):
                 info = f"loss {p['loss']:.3f}" if "loss" in p else (

@@ -3,10 +3,12 @@
 The uploads are decoded in decoder processes (:mod:`service.decoder`), within limits of
 size, time and memory, so that a hostile clip cannot take the API down: the RGB clip
 (``.avi`` / ``.mp4``) by ``models.data.ntu.read_video``; the skeleton, an NTU ``.skeleton``
-text file or a ``.npy`` array of shape T×V×3 or T×V×3×M (loaded with
-``allow_pickle=False``), resampled to the model's frame count and scaled with the
-checkpoint's normalisation constants, exactly as the training cache does. The forward pass
-runs here, on models kept in a small LRU.
+text file, a ``.npy`` array of shape T×V×C or T×V×C×M (loaded with ``allow_pickle=False``)
+or, for a 2-D 22-joint model (iMiGUE-style), OpenPose ``.json`` (a JSON array of the
+per-frame documents OpenPose writes, or ``{"frames": [...]}``, read by
+``models.data.openpose.read_openpose_frames`` as in training), resampled to the model's
+frame count and scaled with the checkpoint's normalisation constants, exactly as the
+training cache does. The forward pass runs here, on models kept in a small LRU.
 
 A missing modality raises :class:`UploadError` (→ 422, naming the field), an unaccepted
 media type :class:`MediaTypeError` (→ 415), and a clip that cannot be decoded
@@ -33,7 +35,8 @@ from robustact.service.store import Store, materialize_dir
 VIDEO_TYPES = {".avi": {"video/x-msvideo", "video/avi", "video/msvideo", "video/vnd.avi"},
                ".mp4": {"video/mp4"}}
 SKELETON_TYPES = {".skeleton": {"text/plain"},
-                  ".npy": {"application/x-npy", "application/npy", "application/x-numpy"}}
+                  ".npy": {"application/x-npy", "application/npy", "application/x-numpy"},
+                  ".json": {"application/json", "text/plain"}}  # OpenPose frames
 MEDIA_TYPES = {VIDEO: VIDEO_TYPES, SKELETON: SKELETON_TYPES}
 # What curl and most clients send for a file they do not recognise.
 GENERIC_TYPES = {"", "application/octet-stream", "binary/octet-stream"}
@@ -80,7 +83,7 @@ def decode_video(upload: Upload, cfg: ModelConfig) -> tuple[torch.Tensor, dict[s
 
 
 def decode_skeleton(upload: Upload, cfg: ModelConfig, meta: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(3, T, V, M) float in [0, 1]: checked against the model, resampled, scaled; in this
+    """(C, T, V, M) float in [0, 1]: checked against the model, resampled, scaled; in this
     process with no limit, like ``decode_video``."""
     return _decode_here(SKELETON, upload, Geometry.of(cfg, meta))
 
@@ -153,7 +156,7 @@ def classify(loaded: LoadedModel, video: Upload | None, skeleton: Upload | None,
     if needs_video and video is None:
         raise UploadError("video", f"a {cfg.arch} model needs the RGB clip (.avi or .mp4)")
     if needs_skeleton and skeleton is None:
-        raise UploadError("skeleton", f"a {cfg.arch} model needs the skeleton (.skeleton or .npy)")
+        raise UploadError("skeleton", f"a {cfg.arch} model needs the skeleton (.skeleton, .npy or OpenPose .json)")
     uploads = [(kind, upload, check_media_type(upload, MEDIA_TYPES[kind]))
                for kind, upload in ((VIDEO, video), (SKELETON, skeleton)) if upload is not None]
     geometry = Geometry.of(cfg, meta)

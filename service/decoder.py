@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import torch
 
-from robustact.models.data import ntu
+from robustact.models.data import ntu, openpose
 
 if TYPE_CHECKING:
     from robustact.models.config import ModelConfig
@@ -130,9 +130,10 @@ def decode(kind: str, source: str | os.PathLike | BinaryIO, suffix: str, filenam
 
     ``source`` is a path or a binary file positioned at the start of the upload; ``suffix``
     its (already checked) extension. A video is sampled and resized by
-    ``ntu.read_video``; a skeleton (``.skeleton`` text or ``.npy`` of T×V×3 or T×V×3×M) is
-    checked against the model, padded with absent bodies, resampled, then scaled, in the
-    order of the training cache. Raises :class:`DecodeError` (422) naming the problem.
+    ``ntu.read_video``; a skeleton (``.skeleton`` text, ``.npy`` of T×V×C or T×V×C×M, or
+    ``.json`` OpenPose frames, see :func:`_openpose_frames`) is checked against the model,
+    padded with absent bodies, resampled, then scaled, in the order of the training cache.
+    Raises :class:`DecodeError` (422) naming the problem.
     """
     if kind == VIDEO:
         return _decode_video(source, filename, field, geometry, limits)
@@ -160,10 +161,12 @@ def _read_bytes(source) -> bytes:
 
 
 def _skeleton_array(source, suffix: str, filename: str, field: str, max_frames: int | None):
-    """The upload as ``(T, V, 3, M)`` float32, before any model-specific check."""
+    """The upload as ``(T, V, C, M)`` float32, before any model-specific check."""
     data = _read_bytes(source)
     if not data:
         raise DecodeError(field, f"{filename!r} is empty")
+    if suffix == ".json":
+        return _openpose_array(data, filename, field, max_frames)
     if suffix == ".skeleton":
         try:
             text = data.decode("ascii")
@@ -193,6 +196,60 @@ def _skeleton_array(source, suffix: str, filename: str, field: str, max_frames: 
     return array.astype(np.float32)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _json_number(literal: str) -> float:
+    """A parse hook: a number a float32 cannot hold (OpenPose writes none) is refused."""
+    value = float(literal)
+    if not -_FLOAT32_MAX <= value <= _FLOAT32_MAX:
+        raise ValueError(f"the number {literal[:30]} is beyond the float32 range")
+    return value
+
+
+def _malformed(field: str, filename: str, message: str) -> DecodeError:
+    return DecodeError(field, f"malformed OpenPose skeleton {filename!r}: {message}")
+
+
+def _openpose_array(data: bytes, filename: str, field: str, max_frames: int | None) -> np.ndarray:
+    """An OpenPose ``.json`` upload as ``(T, 22, 2, 1)``: the main person and the gaps
+    filled as in training (``openpose.read_openpose_frames``).
+
+    The upload is a JSON array of per-frame documents (``{"people": [...]}`` as OpenPose
+    writes one per video frame, in time order) or an object whose ``"frames"`` member is
+    that array. The whole document is parsed at once: its size is bounded by the upload
+    limit and the child's memory cap. Errors name the frame (0-based)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _malformed(field, filename, f"not UTF-8 text (byte {e.start})") from None
+    try:
+        doc = json.loads(text, parse_int=_json_number, parse_float=_json_number)
+    except json.JSONDecodeError as e:
+        raise _malformed(field, filename, f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except ValueError as e:  # refused by _json_number
+        raise _malformed(field, filename, str(e)) from None
+    except RecursionError:
+        raise _malformed(field, filename, "nested too deeply") from None
+    del text
+    frames = doc.get("frames") if isinstance(doc, dict) else doc
+    if not isinstance(frames, list):
+        raise _malformed(field, filename, 'expected a JSON array of OpenPose frames, or an object with a "frames" array')
+    if not frames:
+        raise _malformed(field, filename, "it holds no frames")
+    if max_frames is not None and len(frames) > max_frames:
+        raise DecodeError(field, f"{filename!r}: {len(frames)} frames is above the {max_frames}-frame limit")
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, dict):
+            raise _malformed(field, filename, f'frame {i}: not an OpenPose frame: expected an object with a "people" list')
+    try:
+        return openpose.read_openpose_frames(frames, [f"frame {i}" for i in range(len(frames))])
+    except ntu.EmptySkeletonError as e:
+        raise DecodeError(field, f"{filename!r}: {e.message}") from None
+    except ntu.SkeletonFormatError as e:
+        raise _malformed(field, filename, str(e)) from None
+
+
 def _decode_skeleton(source, suffix: str, filename: str, field: str, geometry: Geometry, limits: Limits):
     if geometry.skel_min is None or geometry.skel_max is None:
         raise ValueError("decoding a skeleton needs the checkpoint's normalisation constants")
@@ -200,11 +257,11 @@ def _decode_skeleton(source, suffix: str, filename: str, field: str, geometry: G
     frames, joints, coords, bodies = array.shape
     if frames < 1:
         raise DecodeError(field, "the skeleton has no frames")
-    if joints != geometry.joints:
-        raise DecodeError(field, f"the skeleton has {joints} joints per body; this model expects {geometry.joints}")
-    if coords != geometry.skel_channels:
+    if coords != geometry.skel_channels:  # first: a 2-D pose for a 3-D model is the wrong kind of skeleton
         want = "3 (x, y, z)" if geometry.skel_channels == 3 else "2 (x, y)"
         raise DecodeError(field, f"the skeleton has {coords} coordinates per joint; this model expects {want}")
+    if joints != geometry.joints:
+        raise DecodeError(field, f"the skeleton has {joints} joints per body; this model expects {geometry.joints}")
     if bodies > geometry.persons:
         raise DecodeError(field, f"the skeleton has {bodies} bodies; this model takes at most {geometry.persons}")
     if bodies < geometry.persons:

@@ -60,6 +60,8 @@ _PARTS = (("pose_keypoints_2d", 25), ("hand_right_keypoints_2d", 21), ("hand_lef
 def _keypoints(person: dict, key: str, count: int, path: str) -> np.ndarray:
     """(count, 3) x, y, confidence of one part of a person; a missing hand is all zero."""
     values = person.get(key)
+    if values is not None and not isinstance(values, list):
+        raise SkeletonFormatError(path, None, f"{key} is a {type(values).__name__}, not a list of numbers")
     if values is None or (key != "pose_keypoints_2d" and len(values) == 0):
         if key == "pose_keypoints_2d":
             raise SkeletonFormatError(path, None, "a person without pose_keypoints_2d")
@@ -71,18 +73,19 @@ def _keypoints(person: dict, key: str, count: int, path: str) -> np.ndarray:
                                               + (", OpenPose BODY_25)" if count == 25 else ")"))
     try:
         array = np.asarray(values, dtype=np.float64).reshape(count, 3)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SkeletonFormatError(path, None, f"{key} holds a value that is not a number") from None
     if not np.isfinite(array).all():
         raise SkeletonFormatError(path, None, f"{key} holds NaN or infinite values")
     return array.astype(np.float32)
 
 
-def read_openpose_frame(data: bytes | str, path: str = "<frame>") -> np.ndarray | None:
-    """One OpenPose JSON document → (22, 3) x, y, confidence of its main person, or None
-    when nobody was detected. Errors (``SkeletonFormatError``) name ``path``."""
+def read_openpose_frame(data: bytes | str | dict, path: str = "<frame>") -> np.ndarray | None:
+    """One OpenPose JSON document (text, or already parsed) → (22, 3) x, y, confidence of
+    its main person, or None when nobody was detected. Errors (``SkeletonFormatError``)
+    name ``path``."""
     try:
-        doc = json.loads(data)
+        doc = data if isinstance(data, dict) else json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SkeletonFormatError(path, getattr(exc, "lineno", None), f"not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("people"), list):
@@ -117,8 +120,8 @@ def _fill_missing(points: np.ndarray, present: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_openpose_frames(frames: Sequence[bytes | str], names: Sequence[str] | None = None) -> np.ndarray:
-    """A clip's per-frame OpenPose documents (in time order) → float32 ``(T, 22, 2, 1)``,
+def read_openpose_frames(frames: Sequence[bytes | str | dict], names: Sequence[str] | None = None) -> np.ndarray:
+    """A clip's per-frame OpenPose documents (text or parsed, in time order) → float32 ``(T, 22, 2, 1)``,
     the layout ``ntu.read_skeleton_file`` gives (frames, joints, coordinates, bodies).
     Raises ``EmptySkeletonError`` when nobody appears in any frame."""
     names = list(names) if names is not None else [f"<frame {i}>" for i in range(len(frames))]

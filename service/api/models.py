@@ -145,7 +145,9 @@ def _upload(field: str, file: UploadFile | None) -> Upload | None:
                         422: {"description": "corrupt or mismatched input"}})
 def classify_clip(model_id: str, request: Request, caller: CallerDep, settings: SettingsDep,
                   video: UploadFile | None = File(None, description="RGB clip, .avi or .mp4"),
-                  skeleton: UploadFile | None = File(None, description="NTU .skeleton, or .npy of shape T×V×3[×M]"),
+                  skeleton: UploadFile | None = File(None, description=(
+                      "NTU .skeleton; .npy of shape T×V×C[×M]; or, for a 2-D 22-joint model, OpenPose .json: "
+                      'a JSON array of per-frame OpenPose documents ({"people": [...]}), or {"frames": [...]}')),
                   top_k: int = Form(5, ge=1, le=1000)):
     t0 = time.perf_counter()
     with request.app.state.sessions() as session:  # closed before any decoding

@@ -53,19 +53,21 @@ def api(tmp_path_factory, synthetic_root, upload_tmp):
         yield client
 
 
-def _tiny_model(settings: Settings, dataset: dict, owner_id: str | None = None, name: str = "random-tiny") -> str:
-    """A randomly initialised tiny fusion model registered the way the worker does it,
-    owned by ``owner_id``."""
+def _tiny_model(settings: Settings, dataset: dict, owner_id: str | None = None, name: str = "random-tiny",
+                **model) -> str:
+    """A randomly initialised tiny model registered the way the worker does it, owned by
+    ``owner_id``: fusion with one AMR on NTU-style skeletons, unless ``model`` overrides
+    config fields (a 2-D skeleton, ``skel_channels=2``, is normalised to a 1920×1080 image)."""
     from robustact.models.checkpoint import save_checkpoint
     from robustact.models.config import TrainConfig, preset_config
     from robustact.models.fusion import build_model
 
-    cfg = preset_config("tiny", num_classes=dataset["num_classes"], num_amr=1)
+    cfg = preset_config("tiny", num_classes=dataset["num_classes"], **{"num_amr": 1, **model})
+    lo, hi = ([-1.5, -1.5, 1.5], [1.5, 1.5, 4.5]) if cfg.skel_channels == 3 else ([0.0, 0.0], [1920.0, 1080.0])
     directory = settings.data_dir / f"ckpt-{name}"
     save_checkpoint(directory, build_model(cfg), {
         "model": cfg.to_dict(), "preset": "tiny", "class_names": dataset["class_names"],
-        "normalisation": {"skel_min": [-1.5, -1.5, 1.5], "skel_max": [1.5, 1.5, 4.5]},
-        "train": TrainConfig().to_dict()})
+        "normalisation": {"skel_min": lo, "skel_max": hi}, "train": TrainConfig().to_dict()})
     with make_sessionmaker(make_engine(settings.database_url))() as session:
         model = add_model(session, open_store(settings.store_url, settings.s3_endpoint_url), directory, name,
                           dataset_id=dataset["id"], owner_id=owner_id)

@@ -11,6 +11,7 @@ The clips are real files: PyAV-encoded videos and ``.skeleton`` texts.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -409,3 +410,49 @@ def test_no_database_connection_is_held_while_decoding(backend, live_service, cl
         time.sleep(0.005)
     thread.join()
     assert seen_busy > 0 and result[0].status_code == 200, result[0].text
+
+
+# --------------------------------------------------------------------------- OpenPose JSON
+
+
+def test_a_2d_model_classifies_an_openpose_json_upload(live_service):
+    """iMiGUE-style: a skeleton model on 2-D 22-joint poses takes a clip's OpenPose frames as
+    JSON, decoded in the pool; a malformed frame, or a 3-D model, is a 422 saying why."""
+    from tests.test_decoder import frames
+
+    service = live_service("embedded", workers=0, decode_workers=1)
+    classes = {"num_classes": 3, "class_names": ["a", "b", "c"], "id": None}
+    pose_2d = _tiny_model(service.settings, classes, name="pose-2d", arch="skeleton", num_amr=0,
+                          skel_channels=2, joints=22, persons=1)
+    ntu_3d = _tiny_model(service.settings, classes, name="ntu-3d", arch="skeleton", num_amr=0)
+
+    def classify(model_id: str, document, media: str = "application/json") -> httpx.Response:
+        content = document if isinstance(document, bytes) else json.dumps(document).encode()
+        return service.client.post(f"/v1/models/{model_id}/classify", data={"top_k": "3"},
+                                   files={"skeleton": ("clip.json", content, media)})
+
+    r = classify(pose_2d, frames(5))
+    assert r.status_code == 200, r.text
+    top = r.json()["top"]
+    assert len(top) == 3 and abs(sum(t["probability"] for t in top) - 1) < 1e-4
+    assert r.json()["inputs"]["skeleton"] == {"frames": 5, "resampled_to": 16, "joints": 22, "bodies": 1}
+    r = classify(pose_2d, {"frames": frames(2)}, "text/plain")
+    assert r.status_code == 200 and r.json()["inputs"]["skeleton"]["frames"] == 2, r.text
+
+    broken = frames(4)
+    broken[3]["people"][1]["pose_keypoints_2d"] = [1.0] * 72
+    for document, words in [
+        (broken, "malformed OpenPose skeleton 'clip.json': frame 3: pose_keypoints_2d holds 72 values; "
+                 "expected 75 (25 keypoints × x, y, confidence, OpenPose BODY_25)"),
+        (b'[{"people": []}, {oops}]', "malformed OpenPose skeleton 'clip.json': not valid JSON: "
+                                      "Expecting property name enclosed in double quotes (line 1, column 19)"),
+        ([{"people": []}] * 2, "'clip.json': nobody detected in any of 2 frames"),
+    ]:
+        r = classify(pose_2d, document)
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", "skeleton"] and _detail(r) == words
+    r = classify(ntu_3d, frames(2))
+    assert r.status_code == 422, r.text
+    assert _detail(r) == "the skeleton has 2 coordinates per joint; this model expects 3 (x, y, z)"
+    assert classify(pose_2d, frames(2), "image/png").status_code == 415
+    assert [p for p in (service.settings.data_dir / "uploads").rglob("*") if p.is_file()] == []

@@ -267,6 +267,10 @@ def format_report(report: dict[str, Any]) -> str:
             x, y, z = (1000 * v for v in w["eps_skel_metres"])
             lines.append(f"ε_S = {w['eps_skel'] * 255:g}/255 moves a joint by at most {x:.1f} / {y:.1f} / {z:.1f} mm "
                          "along x / y / z (the model's skeleton scaling)")
+        elif w.get("eps_skel_pixels"):
+            x, y = w["eps_skel_pixels"]
+            lines.append(f"ε_S = {w['eps_skel'] * 255:g}/255 moves a keypoint by at most {x:.2f} / {y:.2f} pixels "
+                         "along x / y of the source video (the model's skeleton scaling)")
     if (report.get("config") or {}).get("strategy") == "worst-case":
         lines.append("(worst-case cascade: per-attack columns shown as - are incomplete by design)")
     for flag in (report.get("diagnostics") or {}).get("flags", []):
@@ -296,13 +300,16 @@ def _key_without(cfg: dict[str, Any], *names: str) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k not in names}, sort_keys=True)
 
 
-def eps_skel_metres(eps_skel: float, meta: dict[str, Any]) -> list[float] | None:
-    """ε_S in metres per axis (x, y, z): a skeleton coordinate in [0, 1] spans the
-    checkpoint's (skel_max − skel_min) metres on its axis. None without normalisation."""
+def eps_skel_units(eps_skel: float, meta: dict[str, Any]) -> dict[str, list[float]]:
+    """ε_S in the skeleton's own units per axis: a coordinate in [0, 1] spans the
+    checkpoint's (skel_max − skel_min) on its axis. ``{"eps_skel_metres": [x, y, z]}`` for 3-D
+    Kinect skeletons, ``{"eps_skel_pixels": [x, y]}`` for 2-D pose (OpenPose keypoints are
+    in pixels of the source video); ``{"eps_skel_metres": None}`` without normalisation."""
     norm = meta.get("normalisation")
     if not norm:
-        return None
-    return [round(float(eps_skel) * (float(hi) - float(lo)), 6) for lo, hi in zip(norm["skel_min"], norm["skel_max"])]
+        return {"eps_skel_metres": None}
+    values = [round(float(eps_skel) * (float(hi) - float(lo)), 6) for lo, hi in zip(norm["skel_min"], norm["skel_max"])]
+    return {"eps_skel_metres" if len(values) == 3 else "eps_skel_pixels": values}
 
 
 def build_report(records, meta: dict[str, Any], *, dataset_info: dict[str, Any] | None = None,
@@ -331,7 +338,7 @@ def build_report(records, meta: dict[str, Any], *, dataset_info: dict[str, Any] 
                                              "broken": int(broken[:, e].sum()), "complete": complete}
     attacks = list(groups.values())
     for entry in attacks:
-        entry["eps_skel_metres"] = eps_skel_metres(entry["eps_skel"], meta)
+        entry.update(eps_skel_units(entry["eps_skel"], meta))
         accs = [entry["modes"].get(m, {}).get("accuracy") for m in MODES]
         if None not in accs:
             entry["avg"] = average(*accs)
@@ -348,7 +355,7 @@ def build_report(records, meta: dict[str, Any], *, dataset_info: dict[str, Any] 
             # An R-only or S-only perturbation is also an RS perturbation of the same budget.
             mcols = cols if m == "RS" else [e for e in cols if suite[e]["mode"] == m]
             modes[m] = _accuracy(clean_ok & ~broken[:, mcols].any(axis=1), labels, num_classes)
-        worst.append({"eps_rgb": eps_rgb, "eps_skel": eps_skel, "eps_skel_metres": eps_skel_metres(eps_skel, meta),
+        worst.append({"eps_rgb": eps_rgb, "eps_skel": eps_skel, **eps_skel_units(eps_skel, meta),
                       "attacks": sorted({_label(suite[e]) for e in cols}), "modes": modes,
                       "overall": _accuracy(clean_ok & ~any_broken, labels, num_classes)})
     if worst and all(set(w["modes"]) == set(MODES) for w in worst):

@@ -152,10 +152,10 @@ def _open_dataset(cache: Path, protocol: str, split: str, normalisation: dict | 
     return ClipDataset(cache, protocol=protocol, split=split, normalisation=normalisation)
 
 
-def _check_sizes(dataset, model_cfg) -> None:
+def _check_sizes(meta: dict, model_cfg) -> None:
+    """Refuse a cache whose clips are not the model's input (frames, size, skeleton geometry)."""
     from robustact.models.data.layouts import cache_geometry
 
-    meta = dataset.meta
     want = (model_cfg.rgb_frames, model_cfg.rgb_size, model_cfg.skel_frames)
     have = (meta["rgb_frames"], meta["rgb_size"], meta["skel_frames"])
     if want != have:
@@ -235,7 +235,7 @@ def train(
                                   amr_activation=amr_activation, amr_init=amr_init,
                                   exfmem_size=exfmem_size if defence in EXFMEM_DEFENCES else 0,
                                   exfmem_lambda=exfmem_lambda, exfmem_mix=exfmem_mix, exfmem_steps=exfmem_steps)
-        _check_sizes(dataset, model_cfg)
+        _check_sizes(dataset.meta, model_cfg)
         train_cfg = TrainConfig(defence=defence, lam=lam, epochs=epochs, batch_size=batch_size, lr=lr,
                                 momentum=momentum, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                                 attack=AttackConfig(name="pgd", mode="RS", steps=attack_steps, eps_rgb=eps / 255,
@@ -336,8 +336,11 @@ def evaluate(
             "worst-case" if worst_case_only else "full")
         net, meta = load_checkpoint(model)
         check_suite(suite, len(meta["class_names"]))
+        if (data / "meta.json").is_file():  # checked before the normalisation, whose size follows the layout
+            from robustact.models.data.cache import load_meta
+
+            _check_sizes(load_meta(data), ModelConfig.from_dict(meta["model"]))
         dataset = _open_dataset(data, protocol, split, meta.get("normalisation"))
-        _check_sizes(dataset, ModelConfig.from_dict(meta["model"]))
         if list(dataset.class_names) != list(meta["class_names"]):
             raise ValueError("the dataset's classes differ from the model's")
         subset = dataset

@@ -21,7 +21,10 @@ def run(*args):
 
 def test_plans():
     default, small = plan_for("default"), plan_for("small")
-    assert default.estimate()["total"] < 3600 * 0.8  # under an hour on 2 cores, with margin
+    # Issue 11 let the budget grow from 1 to 2 hours on 2 cores so that AT-RS and the ablations
+    # converge; one layout's run stays near an hour.
+    assert default.estimate()["total"] < 3600 * 1.2
+    assert plan_for("default", layout="imigue").estimate() == default.estimate()
     assert small.estimate()["total"] < 60
     keys = [s.key for s in default.models()]
     assert len(keys) == len(set(keys)) == 17  # 8 defences + amr-frozen + 2 unimodal + 2 AMR counts + 4 λ
@@ -95,6 +98,31 @@ def test_reproduce_small(tmp_path):
     # Another plan in the same folder is refused rather than mixed in.
     result = CliRunner().invoke(app, ["reproduce", "--out", str(out), "--size", "small", "--epochs", "2"])
     assert result.exit_code == 2 and "another plan" in result.output
+
+
+def test_reproduce_small_on_the_imigue_layout(tmp_path):
+    """The whole reproduction on the iMiGUE-style layout: 2-D OpenPose skeletons of 22
+    joints and one body, every model trained and evaluated, every table written."""
+    out = tmp_path / "repro"
+    log = run("reproduce", "--out", out, "--size", "small", "--layout", "imigue", "--device", "cpu")
+    assert "imigue-layout clips" in log
+    meta = json.loads((out / "data" / "cache" / "meta.json").read_text())
+    assert (meta["layout"], meta["joints"], meta["skel_channels"], meta["persons"]) == ("imigue", 22, 2, 1)
+    plan = plan_for("small", layout="imigue")
+    assert meta["num_samples"] == plan.num_clips
+    reports = sorted((out / "reports").glob("*.json"))
+    assert len(reports) == len(plan.models()) == 17
+    for path in reports:
+        report = json.loads(path.read_text())
+        assert report["dataset"]["layout"] == "imigue", path.name
+        if report["model"]["arch"] != "rgb":
+            assert (report["model"]["config"]["joints"], report["model"]["config"]["skel_channels"]) == (22, 2)
+            assert len(report["worst_case"][0]["eps_skel_pixels"]) == 2
+    for name in TABLE_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    # A plan of the other layout in the same folder is refused.
+    result = CliRunner().invoke(app, ["reproduce", "--out", str(out), "--size", "small"])
+    assert result.exit_code == 2 and "layout" in result.output
 
 
 def test_reproduce_resumes_an_interrupted_run(tmp_path):

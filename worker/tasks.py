@@ -683,7 +683,7 @@ def _prepare_shard(ctx: Context, job: Job, parent: Job, run: JobRun) -> None:
     import numpy as np
 
     from robustact.models.data.cache import clip_arrays, decode_samples
-    from robustact.models.data.ntu import find_samples
+    from robustact.models.data.layouts import find_samples
 
     params = parent.params
     geometry = params["geometry"]

@@ -749,8 +749,9 @@ class ClipDataset(Dataset):
             hi = tuple(float(v) for v in normalisation["skel_max"])
             coords = self.layout.coords
             if len(lo) != coords or len(hi) != coords:
-                raise ValueError(f"normalisation needs {coords} skel_min and {coords} skel_max values "
-                                 f"({'x, y, z' if coords == 3 else 'x, y'}) for this cache")
+                raise ValueError(f"the normalisation holds {len(lo)} skel_min and {len(hi)} skel_max values but this "
+                                 f"{self.layout.name}-layout cache has {coords} coordinates per joint "
+                                 f"({'x, y, z' if coords == 3 else 'x, y'}): the model was trained on another layout")
             cache = (tuple(float(v) for v in self.meta["skel_min"]), tuple(float(v) for v in self.meta["skel_max"]))
             if (lo, hi) != cache:
                 self._norm = (lo, hi)

@@ -123,9 +123,11 @@ class ErrorPublic(BaseModel):
 class DatasetCreate(RequestBody):
     name: str = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       examples=["ntu60-xsub"])
-    format: Literal["ntu60", "synthetic"] = Field(
+    format: Literal["ntu60", "synthetic", "imigue"] = Field(
         description="ntu60: the NTU RGB+D 60 release layout; synthetic: a dataset written by "
-                    "`robustact data synth` (same layout plus classes.txt)")
+                    "`robustact data synth` (same layout plus classes.txt); imigue: the iMiGUE-style layout "
+                    "(classes.txt, labels.csv, split.json, videos/<id>.mp4, skeleton/<id>/ OpenPose JSON per frame; "
+                    "2-D pose, 22 joints, 1 body, X-Sub only), as `robustact data synth --layout imigue` writes it")
     location: str = Field(min_length=1, max_length=MAX_LOCATION_LENGTH,
                           description="a directory path the workers can read, or s3://bucket/prefix",
                           examples=["/data/ntu60", "s3://datasets/ntu60"])
@@ -135,6 +137,12 @@ class DatasetCreate(RequestBody):
 class SplitCounts(BaseModel):
     train: int
     test: int
+
+
+class SkeletonGeometry(BaseModel):
+    joints: int
+    skel_channels: int = Field(description="coordinates per joint: 3 (x, y, z) or 2 (image x, y)")
+    persons: int
 
 
 class DatasetPublic(BaseModel):
@@ -150,6 +158,9 @@ class DatasetPublic(BaseModel):
     num_samples: int
     splits: dict[str, SplitCounts] = Field(description="sample counts per protocol and split")
     incomplete_samples: int = Field(description="samples with a skeleton but no video or the reverse (skipped)")
+    layout: Literal["ntu", "imigue"] = Field(description="the file layout (ntu for formats ntu60 and synthetic)")
+    geometry: SkeletonGeometry = Field(description="the skeletons' shape; a model must take the same to be "
+                                                   "trained or evaluated on this dataset")
     created_at: dt.datetime
     links: Links
 

@@ -110,6 +110,11 @@ class FileStore:
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
                       if p.is_file() and not p.name.endswith(".tmp"))
 
+    def has_prefix(self, prefix: str) -> bool:
+        """True if some object's key lies under ``prefix/`` (without listing them all)."""
+        base = self._path(prefix)
+        return base.is_dir() and any(p.is_file() and not p.name.endswith(".tmp") for p in base.rglob("*"))
+
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
@@ -215,6 +220,11 @@ class S3Store:
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
         return sorted(keys)
+
+    def has_prefix(self, prefix: str) -> bool:
+        """True if some object's key lies under ``prefix/`` (one request, however many there are)."""
+        found = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(prefix) + "/", MaxKeys=1)
+        return bool(found.get("KeyCount") or found.get("Contents"))
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

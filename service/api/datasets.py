@@ -1,5 +1,5 @@
-"""/v1/datasets: register a dataset (a path or an s3:// URI in the NTU layout), list, show,
-share, delete when unused.
+"""/v1/datasets: register a dataset (a path or an s3:// URI in the NTU or the iMiGUE-style
+layout, ``models.data.layouts``), list, show, share, delete when unused.
 
 Registering names a server path or a bucket, so it is for admin keys only, and the location
 must lie inside one of the configured roots (``ROBUSTACT_DATASET_ROOTS``; ``..`` and
@@ -7,7 +7,9 @@ symlinks are resolved first). A location outside them is refused before anything
 it, so the answer does not tell whether it exists. Other keys use the datasets an admin
 shares with them (or with every key), read-only, and never see their locations.
 
-Registration only lists the files (names, class list, counts per split); decoding into
+Registration only lists the files (names, class list, counts per split) and records the
+layout and its skeleton geometry, which models trained or evaluated on it must match
+(rows from before layouts have neither: they are NTU, ``dataset_layout``); decoding into
 the training cache happens in the worker the first time a job needs the dataset at a
 given input geometry (``worker.tasks.prepared_cache``).
 """
@@ -16,13 +18,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from robustact.models.data import ntu
+from robustact.models.data import imigue, layouts, ntu
+from robustact.models.data.imigue import Clip
+from robustact.models.data.layouts import Layout
 from robustact.service.api.deps import SessionDep, SettingsDep, invalid
 from robustact.service.api.shares import ShareCreate, ShareList, add_share, delete_shares, remove_share, shares_of
 from robustact.service.auth import Caller, CallerDep, can_read, not_found, require_admin, require_owner, scoped
@@ -30,24 +34,31 @@ from robustact.service.db import Dataset, Job, Model, Report, new_id
 from robustact.service.idempotency import IdempotencyHeader, create_once, remember
 from robustact.service.schemas import MAX_OFFSET, DatasetCreate, DatasetList, DatasetPublic, Links
 from robustact.service.settings import Settings
-from robustact.service.store import StoreError, open_store
+from robustact.service.store import Store, StoreError, open_store
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-def _s3_listing(location: str, settings: Settings) -> tuple[list[str], list[str], list[str] | None]:
-    """Skeleton file names, video file names and the classes.txt lines under an s3:// root."""
+T = TypeVar("T")
+
+
+def _from_s3(location: str, settings: Settings, read: Callable[[Store], T]) -> T:
+    """``read(store)`` of the store at an s3:// location; a 422 on ``location`` if the store fails."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    store = open_store(location, settings.s3_endpoint_url, settings.s3_region)
     try:
-        skeletons = [k.rsplit("/", 1)[-1] for k in store.list(ntu.SKELETON_DIR)]
-        videos = [k.rsplit("/", 1)[-1] for k in store.list(ntu.RGB_DIR)]
-        classes = None
-        if store.exists(ntu.CLASSES_FILE):
-            classes = store.get_bytes(ntu.CLASSES_FILE).decode("utf-8").splitlines()
+        return read(open_store(location, settings.s3_endpoint_url, settings.s3_region))
     except (BotoCoreError, ClientError, StoreError, UnicodeDecodeError) as e:
         invalid("location", f"cannot read {location}: {e}", location)
+
+
+def _s3_listing(store: Store) -> tuple[list[str], list[str], list[str] | None]:
+    """Skeleton file names, video file names and the classes.txt lines under an s3:// root."""
+    skeletons = [k.rsplit("/", 1)[-1] for k in store.list(ntu.SKELETON_DIR)]
+    videos = [k.rsplit("/", 1)[-1] for k in store.list(ntu.RGB_DIR)]
+    classes = None
+    if store.exists(ntu.CLASSES_FILE):
+        classes = store.get_bytes(ntu.CLASSES_FILE).decode("utf-8").splitlines()
     return skeletons, videos, classes
 
 
@@ -81,13 +92,8 @@ def confine(location: str, settings: Settings) -> str:
 
 def _local_listing(location: str, settings: Settings) -> tuple[list[str], list[str], list[str] | None]:
     root = Path(location)
-    if not root.is_dir():
-        invalid("location", f"{location}: no such directory (it must be readable by the API and the workers)",
-                location)
     skel_dir, rgb_dir = root / ntu.SKELETON_DIR, root / ntu.RGB_DIR
-    for inner in (skel_dir, rgb_dir, root / ntu.CLASSES_FILE):  # a symlink inside may point out of the roots
-        if inner.exists():
-            confine(str(inner), settings)
+    _confine_inside(root, (ntu.SKELETON_DIR, ntu.RGB_DIR, ntu.CLASSES_FILE), settings)
     skeletons = [p.name for p in skel_dir.iterdir()] if skel_dir.is_dir() else []
     videos = [p.name for p in rgb_dir.iterdir()] if rgb_dir.is_dir() else []
     classes_file = root / ntu.CLASSES_FILE
@@ -100,13 +106,16 @@ def _local_listing(location: str, settings: Settings) -> tuple[list[str], list[s
     return skeletons, videos, classes
 
 
-def inspect_dataset(body: DatasetCreate, settings: Settings) -> tuple[str, dict]:
-    """Check that ``body.location`` holds a dataset of ``body.format``; returns the
-    normalised location and the ``info`` stored with the row. Raises a 422 naming the
-    field otherwise."""
-    location = confine(body.location.strip(), settings)
+def _confine_inside(root: Path, names: tuple[str, ...], settings: Settings) -> None:
+    """A 422 if one of ``names`` under ``root`` is a symlink out of the dataset roots."""
+    for name in names:
+        if (root / name).exists():
+            confine(str(root / name), settings)
+
+
+def _ntu_info(body: DatasetCreate, location: str, settings: Settings) -> dict[str, Any]:
     if location.startswith("s3://"):
-        skeletons, videos, classes = _s3_listing(location, settings)
+        skeletons, videos, classes = _from_s3(location, settings, _s3_listing)
     else:
         skeletons, videos, classes = _local_listing(location, settings)
 
@@ -144,11 +153,111 @@ def inspect_dataset(body: DatasetCreate, settings: Settings) -> tuple[str, dict]
     for protocol in ntu.PROTOCOLS:
         train = sum(ntu.in_train_split(s, protocol) for s in complete)
         splits[protocol] = {"train": train, "test": len(complete) - train}
-    if not splits[body.protocol]["train"]:
-        invalid("protocol", f"{location} has no training sample under the {body.protocol} protocol", body.protocol)
-    info = {"class_names": class_names, "num_samples": len(complete), "splits": splits,
+    return {"class_names": class_names, "num_samples": len(complete), "splits": splits,
             "incomplete_samples": len(skel_ids ^ video_ids)}
-    return location, info
+
+
+# An iMiGUE-style root read: class names, training subjects, clips, and whether a clip's
+# video and skeleton frames are there.
+ImigueRead = tuple[list[str], frozenset[int], list[Clip], Callable[[Clip], bool]]
+
+
+def _local_imigue(location: str, settings: Settings) -> ImigueRead:
+    root = Path(location)
+    _confine_inside(root, (imigue.CLASSES_FILE, imigue.LABELS_FILE, imigue.SPLIT_FILE, imigue.VIDEO_DIR,
+                           imigue.SKELETON_DIR), settings)
+    names, (train, _) = imigue.class_names(root), imigue.read_split(root)
+    return names, train, imigue.find_clips(root), lambda clip: clip.video.is_file() and clip.skeleton_dir.is_dir()
+
+
+def _s3_imigue(location: str, store: Store) -> ImigueRead:
+    """The same rules as ``_local_imigue`` over a store: a clip is complete when its video
+    object exists and its skeleton directory holds at least one object."""
+
+    def content(name: str) -> bytes:
+        if not store.exists(name):
+            raise imigue.missing(f"{location}/{name}", name)
+        return store.get_bytes(name)
+
+    names = imigue.parse_class_names(content(imigue.CLASSES_FILE), f"{location}/{imigue.CLASSES_FILE}")
+    train, test = imigue.parse_split(content(imigue.SPLIT_FILE), f"{location}/{imigue.SPLIT_FILE}")
+    clips = imigue.parse_labels(content(imigue.LABELS_FILE), f"{location}/{imigue.LABELS_FILE}", names, train,
+                                test, "")  # paths relative to the store's prefix: its keys
+    videos = set(store.list(imigue.VIDEO_DIR))
+    skeletons = {v for v in {c.video_id for c in clips} if store.has_prefix(f"{imigue.SKELETON_DIR}/{v}")}
+    return names, train, clips, lambda clip: clip.video.as_posix() in videos and clip.video_id in skeletons
+
+
+def _imigue_info(location: str, settings: Settings) -> dict[str, Any]:
+    try:
+        if location.startswith("s3://"):
+            names, train, clips, complete = _from_s3(location, settings, lambda store: _s3_imigue(location, store))
+        else:
+            names, train, clips, complete = _local_imigue(location, settings)
+    except imigue.LayoutError as e:
+        invalid("location", str(e), location)
+    usable = [clip for clip in clips if complete(clip)]
+    in_train = sum(clip.subject in train for clip in usable)
+    return {"class_names": names, "num_samples": len(usable),
+            "splits": {"xsub": {"train": in_train, "test": len(usable) - in_train}},
+            "incomplete_samples": len(clips) - len(usable)}
+
+
+def _layout_at(location: str, settings: Settings) -> Layout:
+    """The layout of the dataset at ``location`` (``layouts.detect``: iMiGUE-style when it
+    holds labels.csv)."""
+    if location.startswith("s3://"):
+        has_labels = _from_s3(location, settings, lambda store: store.exists(imigue.LABELS_FILE))
+        return layouts.IMIGUE if has_labels else layouts.NTU
+    root = Path(location)
+    if not root.is_dir():
+        invalid("location", f"{location}: no such directory (it must be readable by the API and the workers)",
+                location)
+    _confine_inside(root, (imigue.LABELS_FILE,), settings)
+    return layouts.detect(root)
+
+
+_LAYOUT_TITLES = {"ntu": "an NTU RGB+D-layout", "imigue": "an iMiGUE-style"}
+
+
+def inspect_dataset(body: DatasetCreate, settings: Settings) -> tuple[str, dict]:
+    """Check that ``body.location`` holds a dataset of ``body.format``; returns the
+    normalised location and the ``info`` stored with the row (class names, counts per
+    protocol and split, layout, skeleton geometry). Raises a 422 naming the field otherwise."""
+    location = confine(body.location.strip(), settings)
+    layout = _layout_at(location, settings)
+    if body.format == "imigue" and layout is not layouts.IMIGUE:
+        invalid("format", f"{location} has no {imigue.LABELS_FILE}, so it is not an iMiGUE-style dataset (that needs "
+                          f"{imigue.CLASSES_FILE}, {imigue.LABELS_FILE}, {imigue.SPLIT_FILE}, {imigue.VIDEO_DIR}/ and "
+                          f"{imigue.SKELETON_DIR}/; use format ntu60 or synthetic for the NTU layout)", body.format)
+    if body.format != "imigue" and layout is layouts.IMIGUE:
+        invalid("format", f"{location} holds {imigue.LABELS_FILE}: it is an iMiGUE-style dataset (use format "
+                          "imigue)", body.format)
+    if body.protocol not in layout.protocols:
+        invalid("protocol", f"{_LAYOUT_TITLES[layout.name]} dataset has only the {' and '.join(layout.protocols)} "
+                            f"protocol, not {body.protocol}", body.protocol)
+    info = _imigue_info(location, settings) if layout is layouts.IMIGUE else _ntu_info(body, location, settings)
+    if not info["splits"][body.protocol]["train"]:
+        invalid("protocol", f"{location} has no training sample under the {body.protocol} protocol", body.protocol)
+    return location, {**info, "layout": layout.name, "geometry": layout.geometry()}
+
+
+def dataset_layout(row: Dataset) -> Layout:
+    """The layout of a registered dataset (rows from before layouts are NTU)."""
+    return layouts.by_name(row.info.get("layout", "ntu"))
+
+
+def dataset_geometry(row: Dataset) -> dict[str, int]:
+    """``joints``, ``skel_channels`` and ``persons`` of a registered dataset's skeletons, as
+    ``ModelConfig`` takes them."""
+    return row.info.get("geometry") or dataset_layout(row).geometry()
+
+
+def check_protocol(row: Dataset, protocol: str) -> None:
+    """A 422 on ``protocol`` if the dataset has no such protocol."""
+    if protocol not in row.info["splits"]:
+        invalid("protocol", f"dataset {row.name!r} has only the {' and '.join(row.info['splits'])} protocol, "
+                            f"not {protocol}", protocol)
 
 
 def register_dataset(session: Session, body: DatasetCreate, settings: Settings, owner_id: str | None,
@@ -186,7 +295,8 @@ def dataset_public(row: Dataset, caller: Caller) -> DatasetPublic:
         id=row.id, name=row.name, format=row.format, location=row.location if caller.admin else None,
         owner_id=row.owner_id, shared=not caller.admin and row.owner_id != caller.id, protocol=row.protocol,
         num_classes=len(info["class_names"]), class_names=info["class_names"], num_samples=info["num_samples"],
-        splits=info["splits"], incomplete_samples=info.get("incomplete_samples", 0), created_at=row.created_at,
+        splits=info["splits"], incomplete_samples=info.get("incomplete_samples", 0),
+        layout=dataset_layout(row).name, geometry=dataset_geometry(row), created_at=row.created_at,
         links=Links(self=f"/v1/datasets/{row.id}"))
 
 

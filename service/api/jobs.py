@@ -18,8 +18,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from robustact.models.config import AMR_DEFENCES, AttackConfig, ConfigError, TrainConfig, preset_config, resolve_model_config
+from robustact.models.data import layouts
 from robustact.models.evaluate import build_suite, check_suite, default_strategy
-from robustact.service.api.datasets import dataset_or_404
+from robustact.service.api.datasets import check_protocol, dataset_geometry, dataset_or_404
 from robustact.service.api.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, invalid
 from robustact.service.auth import Caller, CallerDep, get_visible, scoped
 from robustact.service.idempotency import IdempotencyHeader, create_once, remember
@@ -140,12 +141,13 @@ def _config_error(e: ConfigError) -> NoReturn:
 def _train_params(session: Session, body: TrainJobCreate, caller: Caller) -> tuple[dict[str, Any], Dataset]:
     dataset = dataset_or_404(session, body.dataset_id, caller)
     protocol = body.protocol or dataset.protocol
+    check_protocol(dataset, protocol)
     if not dataset.info["splits"][protocol]["train"]:
         invalid("protocol", f"dataset {dataset.name!r} has no training sample under {protocol}", protocol)
     num_amr = body.num_amr if body.num_amr is not None else (3 if body.defence in AMR_DEFENCES else 0)
     try:
         model_cfg = preset_config(body.preset, arch=body.arch, num_classes=len(dataset.info["class_names"]),
-                                  num_amr=num_amr)
+                                  num_amr=num_amr, **dataset_geometry(dataset))
         attack = AttackConfig(name=body.attack.name, mode="RS", steps=body.attack.steps,
                               eps_rgb=body.attack.eps / 255, eps_skel=body.attack.eps / 255,
                               alpha_rgb=body.attack.alpha / 255, alpha_skel=body.attack.alpha / 255,
@@ -165,6 +167,16 @@ def _train_params(session: Session, body: TrainJobCreate, caller: Caller) -> tup
     return params, dataset
 
 
+# What a model config without skeleton geometry fields (from before 2-D pose) was built for.
+NTU_GEOMETRY = layouts.NTU.geometry()
+
+
+def _shape(geometry: dict[str, int]) -> str:
+    persons = geometry["persons"]
+    return (f"{geometry['joints']} joints × {geometry['skel_channels']} coordinates × {persons} "
+            f"bod{'y' if persons == 1 else 'ies'}")
+
+
 def _evaluate_params(session: Session, body: EvaluateJobCreate,
                      caller: Caller) -> tuple[dict[str, Any], Dataset, Model]:
     model = get_visible(session, Model, body.model_id, caller, "model")
@@ -172,11 +184,17 @@ def _evaluate_params(session: Session, body: EvaluateJobCreate,
     if dataset_id is None:
         invalid("dataset_id", f"model {model.id!r} has no training dataset on record; name one")
     dataset = dataset_or_404(session, dataset_id, caller)
+    model_geometry = {k: model.config.get("model", {}).get(k, v) for k, v in NTU_GEOMETRY.items()}
+    geometry = dataset_geometry(dataset)
+    if model_geometry != geometry:
+        invalid("dataset_id", f"model {model.name!r} takes skeletons of {_shape(model_geometry)}, dataset "
+                              f"{dataset.name!r} holds {_shape(geometry)}", dataset_id)
     model_classes = model.config.get("class_names") or []
     if len(model_classes) != len(dataset.info["class_names"]):
         invalid("dataset_id", f"dataset {dataset.name!r} has {len(dataset.info['class_names'])} classes, model "
                               f"{model.name!r} was trained on {len(model_classes)}", dataset_id)
     protocol = body.protocol or dataset.protocol
+    check_protocol(dataset, protocol)
     if not dataset.info["splits"][protocol][body.split]:
         invalid("split", f"dataset {dataset.name!r} has no {body.split} sample under {protocol}", body.split)
     try:
@@ -202,7 +220,7 @@ PREPARE_SAMPLES_PER_SHARD = 200
 
 def _prepare_params(session: Session, body: PrepareJobCreate, caller: Caller) -> tuple[dict[str, Any], Dataset]:
     dataset = dataset_or_404(session, body.dataset_id, caller)
-    cfg = preset_config(body.preset, num_classes=len(dataset.info["class_names"]))
+    cfg = preset_config(body.preset, num_classes=len(dataset.info["class_names"]), **dataset_geometry(dataset))
     samples = dataset.info["num_samples"] + dataset.info.get("incomplete_samples", 0)
     if body.shards is not None and body.shards > samples:
         invalid("shards", f"{body.shards} shards for {samples} samples; at most one shard per sample", body.shards)

@@ -93,6 +93,14 @@ def test_file_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["k"]  # the temp file is gone
 
 
+def test_has_prefix(store):
+    store.put_bytes("skeleton/v1/v1_000000000000_keypoints.json", b"{}")
+    assert store.has_prefix("skeleton/v1") and store.has_prefix("skeleton")
+    assert not store.has_prefix("skeleton/v2") and not store.has_prefix("skeleton/v")  # whole segments only
+    store.delete_prefix("skeleton/v1")
+    assert not store.has_prefix("skeleton/v1")
+
+
 def test_presign(store):
     store.put_bytes("p/file.txt", b"hello")
     url = store.presign("p/file.txt", expires=60)

@@ -173,3 +173,53 @@ def test_train_evaluate_report_classify(backend, live_service, synthetic_root, r
         assert json.loads(store.get_bytes(f"reports/{report_id}/report.json")) == report
     print(f"\n[{backend}] train {t_train - t0:.1f}s, evaluate {t_eval - t_train:.1f}s, "
           f"total {time.monotonic() - t0:.1f}s")
+
+
+@pytest.mark.parametrize("backend", ["embedded", "servers"])
+def test_imigue_layout_train_evaluate_classify_with_openpose_json(backend, live_service, tmp_path_factory):
+    """The iMiGUE-style layout over HTTP with a real worker: register (from S3 on the servers
+    backend) → train a 2-D, 22-joint fusion model with an AMR → evaluate in R, S, RS (ε_S in
+    pixels) → classify a clip's video with its OpenPose frames as JSON."""
+    from robustact.models.data import imigue
+    from robustact.models.data.synth_imigue import synthesize_imigue
+
+    root = tmp_path_factory.mktemp("imigue") / "mini-imigue"
+    synthesize_imigue(root, num_classes=4, subjects=(1, 3), sessions=2, frames=12, video_size=(48, 36), objects=2)
+    svc = live_service(backend)
+    c = svc.client
+    r = c.post("/v1/datasets", json={"name": "mini-imigue", "format": "imigue",
+                                     "location": dataset_location(svc, backend, root)})
+    assert r.status_code == 201, r.text
+    dataset = r.json()
+    assert dataset["layout"] == "imigue" and dataset["geometry"] == {"joints": 22, "skel_channels": 2, "persons": 1}
+    assert dataset["splits"] == {"xsub": {"train": 8, "test": 8}}
+
+    r = c.post("/v1/jobs", json={"kind": "train", "dataset_id": "mini-imigue", "defence": "amr", "num_amr": 1,
+                                 "preset": "tiny", "epochs": 1, "batch_size": 4, "attack": {"steps": 1}})
+    assert r.status_code == 202, r.text
+    train = svc.wait_job(r.json()["id"])
+    assert train["status"] == "succeeded", (train, svc.worker_logs())
+    model_id = train["outputs"]["model_id"]
+    config = c.get(f"/v1/models/{model_id}/files/config.json").json()
+    assert {k: config["model"][k] for k in ("joints", "skel_channels", "persons")} == dataset["geometry"]
+    assert len(config["normalisation"]["skel_min"]) == 2  # pixels, x and y
+
+    r = c.post("/v1/jobs", json={"kind": "evaluate", "model_id": model_id, "attacks": ["pgd2"],
+                                 "modes": ["R", "S", "RS"], "eps": [8], "batch_size": 4})
+    assert r.status_code == 202, r.text
+    evaluation = svc.wait_job(r.json()["id"])
+    assert evaluation["status"] == "succeeded", (evaluation, svc.worker_logs())
+    report = c.get(f"/v1/reports/{evaluation['outputs']['report_id']}").json()
+    assert report["dataset"]["num_samples"] == 8
+    worst = report["worst_case"][0]
+    assert worst["overall"]["accuracy"] <= report["clean"]["accuracy"] and len(worst["eps_skel_pixels"]) == 2
+
+    clip = next(cl for cl in imigue.find_clips(root) if cl.subject == 3)
+    frames = [json.loads((clip.skeleton_dir / f"{clip.video_id}_{f:012d}_keypoints.json").read_text())
+              for f in range(clip.start, clip.end + 1)]
+    r = c.post(f"/v1/models/{model_id}/classify", data={"top_k": "2"},
+               files={"video": (f"{clip.video_id}.mp4", clip.video.read_bytes(), "video/mp4"),
+                      "skeleton": (f"{clip.name}.json", json.dumps(frames).encode(), "application/json")})
+    assert r.status_code == 200, r.text
+    assert r.json()["inputs"]["skeleton"] == {"frames": 12, "resampled_to": 16, "joints": 22, "bodies": 1}
+    assert r.json()["top"][0]["name"] in dataset["class_names"]

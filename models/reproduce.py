@@ -167,7 +167,7 @@ class ReproducePlan:
 
 
 SIZES: dict[str, ReproducePlan] = {
-    # ~40 min on 2 CPU cores (see COSTS); the README's quickstart set (288 clips).
+    # About an hour on 2 CPU cores (see COSTS); the README's quickstart set (288 clips).
     "default": ReproducePlan(),
     # For tests: 24 clips of 3 classes, one epoch each, 3 evaluated clips, short attacks.
     "small": ReproducePlan(size="small", classes=4, subjects=(1, 3), cameras=(1, 2), replications=(1, 2),

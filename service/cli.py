@@ -605,7 +605,7 @@ def report(
 @app.command()
 def reproduce(
     out: Annotated[Path, typer.Option(help="Output folder: data/, runs/, reports/, Tables 1-5 (.md + .json), Figures 2 and 4 (.svg), index.html. Re-running continues an interrupted run.")] = Path("reproduce"),
-    size: Annotated[str, typer.Option(help="Plan size: default (under an hour on 2 CPU cores) or small (about a minute; for tests).")] = "default",
+    size: Annotated[str, typer.Option(help="Plan size: default (about an hour per layout on 2 CPU cores) or small (about a minute; for tests).")] = "default",
     seed: Annotated[int, typer.Option(help="Seed of the synthetic set, initialisation, shuffling and attacks.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N].")] = "auto",
     epochs: Annotated[Optional[int], typer.Option(help="Train every model for this many epochs (overrides the plan's clean and adversarial epochs).")] = None,

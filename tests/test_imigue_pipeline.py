@@ -8,21 +8,15 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from robustact.models.data import cache, imigue, layouts, openpose
 from robustact.models.data.synth import OBJECTS, _render, _sample_skeletons, class_table
 from robustact.models.data.synth_imigue import GAP_FRAMES, UPPER_BODY_MOTIONS, synthesize_imigue
 from robustact.models.data.ntu import SampleId
-from robustact.service.cli import _check_sizes, app
+from robustact.service.cli import _check_sizes
+from tests.test_e2e_cli import run
 
 FRAMES, RGB_FRAMES, RGB_SIZE, SKEL_FRAMES = 12, 4, 16, 8
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, f"robustact {' '.join(map(str, args))}\n{result.output}"
-    return result.output
 
 
 @pytest.fixture(scope="module")

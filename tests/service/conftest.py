@@ -8,6 +8,7 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import tempfile
 import threading
@@ -54,6 +55,23 @@ def authorize(client, settings: Settings, name: str = "test-admin", admin: bool 
     key_id, key = new_key(settings, name, admin)
     client.headers["Authorization"] = f"Bearer {key}"
     return key_id
+
+
+@contextlib.contextmanager
+def api_with_dataset(settings: Settings, name: str, format: str, location: str):
+    """An in-process API (no worker: jobs stay queued) with an admin key and the dataset
+    ``name`` registered; yields the client with ``.settings`` and ``.dataset`` (the JSON)."""
+    from fastapi.testclient import TestClient
+
+    from robustact.service.app import create_app
+
+    with TestClient(create_app(settings)) as client:
+        authorize(client, settings)
+        client.settings = settings
+        r = client.post("/v1/datasets", json={"name": name, "format": format, "location": location})
+        assert r.status_code == 201, r.text
+        client.dataset = r.json()
+        yield client
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,7 +16,7 @@ from sqlalchemy import update
 from robustact.service.app import create_app
 from robustact.service.db import Dataset, make_engine, make_sessionmaker
 from robustact.service.settings import Settings
-from tests.service.conftest import TEST_SETTINGS, authorize
+from tests.service.conftest import TEST_SETTINGS, api_with_dataset, authorize
 from tests.service.test_bad_input import _tiny_model
 
 GEOMETRY_2D = {"joints": 22, "skel_channels": 2, "persons": 1}
@@ -36,13 +36,7 @@ def imigue_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, imigue_root):
     settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path_factory.mktemp("api-imigue")})
-    with TestClient(create_app(settings)) as client:
-        authorize(client, settings)
-        client.settings = settings
-        r = client.post("/v1/datasets", json={"name": "mini-imigue", "format": "imigue",
-                                              "location": str(imigue_root)})
-        assert r.status_code == 201, r.text
-        client.dataset = r.json()
+    with api_with_dataset(settings, "mini-imigue", "imigue", str(imigue_root)) as client:
         yield client
 
 

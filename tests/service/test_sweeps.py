@@ -9,15 +9,13 @@ import json
 import time
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from robustact.service.app import create_app
 from robustact.service.db import Job, JobGroup, Model, Report, make_engine, make_sessionmaker
 from robustact.service.settings import Settings
 from robustact.service.store import open_store
 from tests.fixtures.make_view_reports import fusion_report
-from tests.service.conftest import TEST_SETTINGS, authorize
+from tests.service.conftest import TEST_SETTINGS, api_with_dataset
 from tests.service.test_bad_input import _tiny_model
 
 
@@ -27,13 +25,7 @@ def api(tmp_path_factory, synthetic_root):
     # Nothing runs here, so sweeps pile up: quotas are tested in test_security.py.
     settings = Settings(**{**TEST_SETTINGS, "data_dir": tmp_path_factory.mktemp("sweeps"), "max_active_sweeps": 1000,
                            "max_active_jobs": 1000})
-    with TestClient(create_app(settings)) as client:
-        authorize(client, settings)
-        client.settings = settings
-        r = client.post("/v1/datasets", json={"name": "tiny3", "format": "synthetic",
-                                              "location": str(synthetic_root)})
-        assert r.status_code == 201, r.text
-        client.dataset = r.json()
+    with api_with_dataset(settings, "tiny3", "synthetic", str(synthetic_root)) as client:
         client.model_id = _tiny_model(settings, client.dataset)
         client.sessions = make_sessionmaker(make_engine(settings.database_url))
         yield client

@@ -64,6 +64,9 @@ class ReproducePlan:
     # (only the video shows it), so that neither modality alone reaches 100 %.
     layout: str = "ntu"
     objects: int = 2
+    # Background contrast (``synth``): the full clutter let the RGB branch memorise its 180
+    # training clips (98 % training, 31 % test accuracy alone); a flat wall does not.
+    clutter: float = 0.0
     classes: int = 6
     subjects: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     cameras: tuple[int, ...] = (1, 2, 3)
@@ -71,7 +74,7 @@ class ReproducePlan:
     frames: int = 48
     # Training: clean objectives (None, MinSim, ExFMem, unimodal) are cheap and get
     # ``clean_epochs``; adversarial ones (AT-*, every AMR model) ``adv_epochs``.
-    clean_epochs: int = 40
+    clean_epochs: int = 80
     adv_epochs: int = 30
     batch_size: int = 16
     optimizer: str = "adam"
@@ -430,12 +433,13 @@ def _run_stage(plan, out: Path, cache: Path, stage: Stage, device, step) -> str:
         if plan.layout == "imigue":
             sessions = len(plan.cameras) * len(plan.replications)
             synthesize_imigue(raw, num_classes=plan.classes, subjects=plan.subjects, sessions=sessions,
-                              frames=plan.frames, seed=plan.seed, objects=plan.objects,
+                              frames=plan.frames, seed=plan.seed, objects=plan.objects, clutter=plan.clutter,
                               progress=lambda d, t: step({"phase": "data", "step": d * plan.classes,
                                                           "steps": 3 * t * plan.classes}))
         else:
             synthesize(raw, num_classes=plan.classes, subjects=plan.subjects, cameras=plan.cameras,
                        replications=plan.replications, frames=plan.frames, seed=plan.seed, objects=plan.objects,
+                       clutter=plan.clutter,
                        progress=lambda d, t: step({"phase": "data", "step": d, "steps": 3 * t}))
         n = plan.num_clips
         p = preset_config(PRESET)

@@ -78,6 +78,7 @@ _DEPTH_F, _DEPTH_C = 365.5, (257.0, 205.0)
 # Joints whose orientation Kinect reports as 0 0 0 0 (end effectors).
 _NO_ORIENTATION = {3, 15, 19, 21, 22, 23, 24}
 
+_GREY = np.float32(110.0)
 _PALETTE = np.array([
     (255, 40, 40), (40, 220, 40), (60, 90, 255), (255, 220, 0), (255, 0, 220),
     (0, 230, 230), (255, 140, 0), (160, 60, 255),
@@ -364,11 +365,13 @@ def _empty_skeleton_text(frames: int) -> str:
 # --------------------------------------------------------------------------- rendering
 
 
-def _background(rng: np.random.Generator, frames: int, w: int, h: int
+def _background(rng: np.random.Generator, frames: int, w: int, h: int, clutter: float = 1.0
                 ) -> Callable[[int, int], np.ndarray]:
     """A cluttered, changing background: returns ``paint(f0, f1)`` giving frames f0..f1-1
     as float32 (n, h, w, 3) in 0..255. Painting in chunks bounds memory for large sizes;
-    the random layout is drawn here, once, and the noise in call order (deterministic)."""
+    the random layout is drawn here, once, and the noise in call order (deterministic).
+    ``clutter`` scales the texture and blobs' contrast around a mid grey (0: a flat grey
+    wall with sensor noise); the random draws are the same whatever its value."""
     pad = max(4, h // 6)
     grid = rng.uniform(40, 170, (1, 3, 5, 7)).astype(np.float32)
     grey = grid.mean(axis=1, keepdims=True)
@@ -395,6 +398,8 @@ def _background(rng: np.random.Generator, frames: int, w: int, h: int
             dist = np.sqrt((xx - (x0 + vx * tt)) ** 2 + (yy - (y0 + vy * tt)) ** 2)
             alpha = np.clip(radius - dist, 0.0, 0.8)[..., None]
             bg += alpha * (colour - bg)
+        if clutter != 1.0:
+            bg = _GREY + np.float32(clutter) * (bg - _GREY)
         # ... plus sensor noise.
         bg += rng.standard_normal(bg.shape, dtype=np.float32) * 6.0
         return bg
@@ -493,13 +498,13 @@ def _draw_capsules(img: np.ndarray, start: np.ndarray, end: np.ndarray, radius: 
 
 def _render(bodies: list[np.ndarray], w: int, h: int, colour: np.ndarray,
             rng: np.random.Generator, held: np.ndarray | None = None,
-            held_colour: np.ndarray | None = None) -> Iterator[np.ndarray]:
+            held_colour: np.ndarray | None = None, clutter: float = 1.0) -> Iterator[np.ndarray]:
     """Yield the RGB frames (h, w, 3) uint8 of the given camera-space skeletons.
 
     ``held`` (T,) indexes ``OBJECTS``: what the first body holds in its right hand in each
     frame, drawn in ``held_colour``."""
     frames = bodies[0].shape[0]
-    paint = _background(rng, frames, w, h)
+    paint = _background(rng, frames, w, h, clutter)
     focal = 1.1 * h
     figures = []
     # Paint the farther body first so the nearer one occludes it.
@@ -555,7 +560,7 @@ def synthesize(root: str | os.PathLike, num_classes: int = 6,
                replications: Sequence[int] = (1, 2), frames: int = 48,
                video_size: tuple[int, int] = (96, 72), seed: int = 0,
                progress: Callable[[int, int], None] | None = None,
-               empty_sample: bool = False, objects: int = 1) -> dict:
+               empty_sample: bool = False, objects: int = 1, clutter: float = 1.0) -> dict:
     """Write a synthetic dataset in the NTU RGB+D layout under ``root``; return a summary.
 
     One sample per (subject, camera, replication, class): ``SsssCcccPpppRrrrAaaa`` with
@@ -573,6 +578,11 @@ def synthesize(root: str | os.PathLike, num_classes: int = 6,
     holds (``OBJECTS``; see ``class_table``), which only the video shows: the skeleton
     alone cannot tell them apart, the video has to.
 
+    ``clutter`` (0..1) is the background's contrast: 1, the default, is the cluttered moving
+    scene; 0 a flat grey wall with sensor noise. With a few hundred training clips a 3-D CNN
+    memorises full clutter (the reproduce set: 98 % training, 31 % test accuracy for RGB
+    alone), so ``reproduce`` uses 0.
+
     ``progress(done, total)`` is called after each sample.
     Returns ``{"root", "num_samples", "num_classes", "class_names", "subjects", "cameras",
     "replications", "frames", "video_size", "two_body_classes", "empty_samples", "seed",
@@ -588,6 +598,8 @@ def synthesize(root: str | os.PathLike, num_classes: int = 6,
             raise ValueError(f"{label} must not repeat values")
     if frames < 2:
         raise ValueError(f"frames must be >= 2, got {frames}")
+    if not 0.0 <= clutter <= 1.0:
+        raise ValueError(f"clutter must be in 0..1, got {clutter}")
     width, height = (int(v) for v in video_size)
     if not (16 <= width <= 4096 and 16 <= height <= 4096) or width % 2 or height % 2:
         raise ValueError(f"video_size must be even and in 16..4096, got {video_size}")
@@ -622,7 +634,7 @@ def synthesize(root: str | os.PathLike, num_classes: int = 6,
             held_colour = _PALETTE[(int(np.flatnonzero((_PALETTE == colour).all(axis=1))[0])
                                     + 1 + rng.integers(len(_PALETTE) - 1)) % len(_PALETTE)]
         _write_video(rgb_dir / f"{sid.name}{VIDEO_SUFFIX}",
-                     _render(bodies, width, height, colour, rng, held, held_colour), width, height)
+                     _render(bodies, width, height, colour, rng, held, held_colour, clutter), width, height)
         if progress is not None:
             progress(done, total)
     return {
@@ -637,6 +649,7 @@ def synthesize(root: str | os.PathLike, num_classes: int = 6,
         "video_size": [width, height],
         "two_body_classes": [name for name, motion, _ in table if MOTIONS[motion][1] > 1],
         "objects": objects,
+        "clutter": clutter,
         "empty_samples": [sid.name for sid in empty_ids],
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 3),

@@ -143,13 +143,13 @@ def _session_timeline(subject: int, session: int, table: list, frames: int, seed
 def synthesize_imigue(root: str | os.PathLike, num_classes: int = 6,
                       subjects: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8), sessions: int = 6, frames: int = 48,
                       video_size: tuple[int, int] = (96, 72), seed: int = 0, objects: int = 1,
-                      progress: Callable[[int, int], None] | None = None) -> dict:
+                      clutter: float = 1.0, progress: Callable[[int, int], None] | None = None) -> dict:
     """Write an iMiGUE-style synthetic dataset under ``root``; return a summary.
 
     One video per (subject, session), named ``SSSS_NN`` (subject, session), holding one
     clip of every class. ``split.json`` trains on the subjects that NTU's X-Sub protocol
     trains on (1, 2, 4, 5, 8 of the default) and tests on the others. ``objects`` as in
-    ``synth.synthesize``; classes are ``UPPER_BODY_MOTIONS`` × objects. Deterministic in
+    ``synth.synthesize``, and ``clutter`` too; classes are ``UPPER_BODY_MOTIONS`` × objects. Deterministic in
     its arguments."""
     started = time.perf_counter()
     table = class_table(num_classes, objects, UPPER_BODY_MOTIONS)
@@ -187,7 +187,7 @@ def synthesize_imigue(root: str | os.PathLike, num_classes: int = 6,
                 _write_text(skel_dir / f"{video_id}_{f:012d}_keypoints.json",
                             json.dumps({"version": 1.3, "people": people}, separators=(",", ":")))
             _write_video(root / imigue.VIDEO_DIR / f"{video_id}.mp4",
-                         _render([joints], width, height, colour, rng, held, held_colour), width, height,
+                         _render([joints], width, height, colour, rng, held, held_colour, clutter), width, height,
                          container_format="mp4")
             for label, first, last in clips:
                 class_id = imigue.NON_MICRO_GESTURE if label == len(table) - 1 else label + 1
@@ -202,5 +202,5 @@ def synthesize_imigue(root: str | os.PathLike, num_classes: int = 6,
     _write_text(root / imigue.LABELS_FILE, buf.getvalue())
     return {"root": str(root), "layout": "imigue", "num_samples": len(rows), "num_classes": len(table),
             "class_names": names, "subjects": subjects, "train_subjects": train, "test_subjects": test,
-            "sessions": sessions, "frames": frames, "video_size": [width, height], "objects": objects,
+            "sessions": sessions, "frames": frames, "video_size": [width, height], "objects": objects, "clutter": clutter,
             "fps": FPS, "seed": seed, "seconds": round(time.perf_counter() - started, 3)}

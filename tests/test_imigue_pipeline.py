@@ -176,3 +176,18 @@ def test_held_objects_are_drawn_in_the_video_only_near_the_right_hand():
         reach = 1.1 * 48 * (0.95 + 0.1 + 0.45) / bodies[0][:, 11, 2] + 3  # stick or ball, with outline
         yy, xx = np.nonzero(changed[0])
         assert np.all(np.hypot(xx - hand[0, 0], yy - hand[0, 1]) <= reach[0])
+
+
+def test_clutter_scales_the_background_and_zero_is_a_flat_noisy_wall():
+    from robustact.models.data.synth import _background
+
+    flat = _background(np.random.default_rng(3), 4, 64, 48, clutter=0.0)(0, 4)
+    full = _background(np.random.default_rng(3), 4, 64, 48, clutter=1.0)(0, 4)
+    assert abs(float(flat.mean()) - 110) < 1 and 5 < float(flat.std()) < 7  # grey plus σ = 6 sensor noise
+    assert float(full.std()) > 3 * float(flat.std())
+    half = _background(np.random.default_rng(3), 4, 64, 48, clutter=0.5)(0, 4)
+    assert float(flat.std()) < float(half.std()) < float(full.std())
+    with pytest.raises(ValueError, match="clutter must be in 0..1"):
+        from robustact.models.data.synth import synthesize
+
+        synthesize("/nonexistent-never-written", clutter=2.0)

@@ -35,6 +35,11 @@ def model_numbers(report: dict, eps: float) -> dict:
     out = {"clean": report["clean"]["accuracy"], "n": report["dataset"]["num_samples"]}
     for m in MODES:
         out[m] = worst["modes"][m]["accuracy"] if worst and m in worst["modes"] else None
+    arch = report["model"].get("arch", "fusion")
+    if arch != "fusion":  # a unimodal model: only an attack on its own modality means anything
+        for m in MODES:
+            if m != {"rgb": "R", "skeleton": "S"}[arch]:
+                out[m] = None
     values = [out[m] for m in MODES]
     out["avg"] = sum(values) / 3 if None not in values else None
     weights = report.get("amr_weights") or []

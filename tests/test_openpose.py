@@ -82,3 +82,19 @@ def test_a_video_directory_is_read_over_a_frame_range(tmp_path):
     assert read_openpose_dir(video).shape[0] == 5
     with pytest.raises(SkeletonFormatError, match="no \\*_<frame>_keypoints.json file"):
         read_openpose_dir(tmp_path)
+
+
+def test_a_frame_range_beyond_the_files_is_refused_not_allocated(tmp_path):
+    """A labels row of frames 0..10**12 (careless or hostile) is an error naming the files'
+    range, before anything is allocated per frame."""
+    import pytest as _pytest
+
+    from robustact.models.data.ntu import SkeletonFormatError
+    from robustact.models.data.openpose import read_openpose_dir
+
+    directory = tmp_path / "v"
+    directory.mkdir()
+    for f in (3, 4, 5):
+        (directory / f"v_{f:012d}_keypoints.json").write_text('{"people": []}')
+    with _pytest.raises(SkeletonFormatError, match=r"frame range 0..1000000000000 reaches beyond .* frames 3..5"):
+        read_openpose_dir(directory, 0, 10**12)

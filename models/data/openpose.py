@@ -155,6 +155,11 @@ def read_openpose_dir(directory: str | os.PathLike, first: int | None = None, la
     hi = max(files) if last is None else int(last)
     if hi < lo:
         raise SkeletonFormatError(directory, None, f"frame range {lo}..{hi} is empty")
+    if lo < min(files) or hi > max(files):
+        # Bounds the work by the files present: a labels row of frames 0..10**12 is an error,
+        # not a trillion-frame clip of "nobody detected".
+        raise SkeletonFormatError(directory, None, f"frame range {lo}..{hi} reaches beyond the OpenPose files, "
+                                                   f"which cover frames {min(files)}..{max(files)}")
     empty = json.dumps({"people": []})
     frames = [files[f].read_bytes() if f in files else empty for f in range(lo, hi + 1)]
     names = [str(files.get(f, directory / f"<missing frame {f}>")) for f in range(lo, hi + 1)]

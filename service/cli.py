@@ -303,7 +303,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="train or test split of the protocol.")] = "test",
     protocol: Annotated[str, typer.Option(help="xsub or xview.")] = "xsub",
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 16,
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate at most this many clips (a seeded random subset).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate at most this many clips: a class-balanced subset drawn with --seed, the same clips `reproduce` and the API's max_samples take.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Row name in comparisons (default: the run directory's name).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the attacks' random starts.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
@@ -316,7 +316,6 @@ def evaluate(
     """Attack a trained model with an attack suite (attacks × modes × ε) and write a report
     and its per-clip records."""
     with _user_errors():
-        import torch
         from torch.utils.data import Subset
 
         from robustact.models.checkpoint import load_checkpoint
@@ -345,8 +344,9 @@ def evaluate(
             raise ValueError("the dataset's classes differ from the model's")
         subset = dataset
         if limit is not None and limit < len(dataset):
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
-            subset = Subset(dataset, sorted(order.tolist()))
+            # The class-balanced subset of `reproduce` and the API's max_samples: the same
+            # --limit and --seed give the same clips everywhere.
+            subset = dataset.subset(limit, seed=seed)
         shard_info = {}
         if shard is not None:
             from robustact.service.shards import shard_positions

@@ -172,6 +172,13 @@ def test_reproduce_evaluates_like_evaluate_and_never_flushes_denormals(tmp_path)
         "--attacks", f"{plan.pgd},{plan.cw}", "--eps", 8, "--seed", plan.seed, "--device", "cpu")
     direct = ClipRecords.load(tmp_path / "amr.clips.npz")
     assert len(direct) > len(repro)  # the CLI ran the whole test split, reproduce a subset
+    # `--limit N --seed S` takes the same class-balanced clips as reproduce (and the API's
+    # max_samples), so a stronger attack can be run afterwards on exactly those clips.
+    limited = tmp_path / "amr-limited.json"
+    run("evaluate", "--model", out / "runs" / "amr" / "model", "--data", out / "data" / "cache", "--out", limited,
+        "--attacks", "fgsm", "--eps", 8, "--seed", plan.seed, "--limit", plan.eval_limit, "--device", "cpu",
+        "--no-diagnostics")
+    assert sorted(ClipRecords.load(tmp_path / "amr-limited.clips.npz").clip.tolist()) == sorted(repro.clip.tolist())
     rows = np.searchsorted(direct.clip, repro.clip)
     assert np.array_equal(direct.clip[rows], repro.clip)
     columns = [direct.suite.index(entry) for entry in repro.suite]

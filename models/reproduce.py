@@ -39,7 +39,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .config import MODES, AttackConfig, TrainConfig, preset_config
 from .data.ntu import XSUB_TRAIN_SUBJECTS
@@ -364,17 +364,35 @@ def _check_plan(plan: ReproducePlan, out: Path) -> None:
 
 def run_plan(plan: ReproducePlan, out: str | Path, *, device: str | None = None,
              log: Callable[[str], None] | None = None,
-             progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[dict], None] | None = None,
+             models: Iterable[str] | None = None) -> dict[str, Any]:
     """Run (or continue) ``plan`` in the folder ``out``.
 
     ``log`` gets one line per stage (start of the run, then each stage as it finishes or
     is skipped, with its duration and the total elapsed time); ``progress`` gets the
     engine's step dicts (``phase`` train/evaluate/data) plus ``stage`` and ``stages``.
+    ``models`` (keys of ``plan.models()``) trains and evaluates only those, e.g. the rows a
+    finding hinges on, over several seeds; the tables are written once every model of the
+    plan has its report, so a later run without ``models`` completes the same folder.
     Returns ``{"out", "stages": [{kind, key, status, seconds}], "seconds", "files"}``.
     """
     out = Path(out)
+    only = select_models(plan, models)
     _check_plan(plan, out)
-    return _run(plan, out, device, log, progress)
+    return _run(plan, out, device, log, progress, only)
+
+
+def select_models(plan: ReproducePlan, models: Iterable[str] | None) -> set[str] | None:
+    """The model keys to run, checked against the plan; None means all of them."""
+    if models is None:
+        return None
+    keys = [s.key for s in plan.models()]
+    chosen = [m.strip() for m in models if m.strip()]
+    unknown = sorted(set(chosen) - set(keys))
+    if unknown or not chosen:
+        raise ValueError(f"unknown model {', '.join(unknown) or '(none given)'}; the plan's models are "
+                         f"{', '.join(keys)}")
+    return set(chosen)
 
 
 @contextlib.contextmanager
@@ -394,10 +412,10 @@ def _flush_denormals():
             torch.set_flush_denormal(False)
 
 
-def _run(plan: ReproducePlan, out: Path, device, log, progress) -> dict[str, Any]:
+def _run(plan: ReproducePlan, out: Path, device, log, progress, only: set[str] | None = None) -> dict[str, Any]:
     emit_line = log or (lambda _: None)
     emit = progress or (lambda _: None)
-    stages = plan.stages()
+    stages = [s for s in plan.stages() if only is None or s.kind in ("data", "tables") or s.key in only]
     cache = out / "data" / "cache"
     t_start = time.perf_counter()
     emit_line(plan.describe())
@@ -408,16 +426,26 @@ def _run(plan: ReproducePlan, out: Path, device, log, progress) -> dict[str, Any
         def step(p: dict, _index=index, _stage=stage) -> None:
             emit({**p, "stage": _index, "stages": len(stages), "label": _stage.label})
 
-        status = _run_stage(plan, out, cache, stage, device, step)
+        missing = [s.key for s in plan.models() if not (out / "reports" / f"{s.key}.json").is_file()]
+        if stage.kind == "tables" and missing:
+            status = "waiting"  # a --models run: the tables need every model's report
+        else:
+            status = _run_stage(plan, out, cache, stage, device, step)
         seconds = time.perf_counter() - t0
         results.append({"kind": stage.kind, "key": stage.key, "status": status, "seconds": round(seconds, 2)})
         elapsed = time.perf_counter() - t_start
-        done = "skipped (already done)" if status == "skipped" else f"done in {seconds:.1f}s (est. {stage.estimate:.0f}s)"
+        done = ("skipped (already done)" if status == "skipped" else
+                f"not yet: {len(missing)} of the plan's models have no report ({', '.join(missing)})"
+                if status == "waiting" else f"done in {seconds:.1f}s (est. {stage.estimate:.0f}s)")
         emit_line(f"[{index:2d}/{len(stages)}] {stage.label}: {done}; elapsed {_clock(elapsed)}")
     total = time.perf_counter() - t_start
+    tables = results[-1]["status"] != "waiting"
     summary = {"out": str(out), "plan": plan.to_dict(), "estimate_seconds": round(plan.estimate()["total"], 1),
-               "seconds": round(total, 2), "stages": results, "files": sorted(TABLE_FILES + _figure_files(out))}
-    _write_atomic(out / "run.json", json.dumps(summary, indent=2))
+               "seconds": round(total, 2), "stages": results,
+               "files": sorted(TABLE_FILES + _figure_files(out)) if tables else []}
+    if only is not None:
+        summary["models"] = sorted(only)
+    _write_atomic(out / ("run.json" if only is None else "run-models.json"), json.dumps(summary, indent=2))
     return summary
 
 
@@ -490,42 +518,94 @@ def _run_stage(plan, out: Path, cache: Path, stage: Stage, device, step) -> str:
 
 # --------------------------------------------------------------------------- tables
 
-# The paper's numbers (NTU RGB+D 60 unless said otherwise), for side-by-side reading.
-PAPER = {
-    "table1": {"dataset": "NTU RGB+D", "note": "printed as PGD10 in the paper's Table 1; ε = 6/255",
-               "rows": [{"attack": "FGSM", "clean": 88.09, "R": 50.48, "S": 66.42, "RS": 22.12, "avg": 46.34,
-                         "unimodal_R": 81.46, "unimodal_S": 81.46},
-                        {"attack": "PGD", "clean": 88.09, "R": 6.39, "S": 25.18, "RS": 1.66, "avg": 11.08,
-                         "unimodal_R": 81.46, "unimodal_S": 81.46},
-                        {"attack": "CW", "clean": 88.09, "R": 4.55, "S": 22.46, "RS": 0.21, "avg": 9.03,
-                         "unimodal_R": 81.46, "unimodal_S": 81.46}]},
-    "table2": {"dataset": "NTU RGB+D", "attack": "PGD20",
-               "note": "as printed; MinSim's ✗ columns average to 28.94, which gives RI 17.00 by eq. 14",
-               "rows": [dict(zip(("name", "clean", "R", "S", "RS", "avg", "ri"), r)) for r in (
-                   ("None", 88.09, 2.09, 11.84, 0.15, 4.69, 0.0), ("AT-R", 75.59, 75.59, 4.75, 4.74, 28.36, 11.17),
-                   ("AT-S", 78.44, 2.09, 78.31, 2.06, 27.49, 13.15), ("AT-RS", 61.42, 61.41, 40.41, 40.32, 47.38, 16.02),
-                   ("MinSim", 80.85, 2.93, 80.85, 3.03, 28.85, 16.92), ("ExFMem", 84.19, 0.00, 60.04, 0.00, 20.01, 11.42),
-                   ("MinSim+ExFMem", 82.81, 2.02, 75.77, 2.14, 26.64, 16.67), ("AMR", 81.65, 68.54, 80.40, 66.52, 71.82, 60.69))]},
-    "table3": {"dataset": "NTU RGB+D", "rows": [{"index": 1, "mean_rgb": 0.3067, "mean_skel": 0.3187},
-                                                {"index": 2, "mean_rgb": 0.3065, "mean_skel": 0.3275},
-                                                {"index": 3, "mean_rgb": 0.3067, "mean_skel": 0.3240}]},
-    "table4": {"dataset": "NTU RGB+D", "attack": "CW30",
-               "rows": [dict(zip(("name", "num_amr", "clean", "R", "S", "RS", "avg", "ri"), r)) for r in (
-                   ("None", None, 88.09, 0.98, 9.00, 0.00, 3.33, 0.0),
-                   ("AT with ✗RS (0 AMR)", 0, 61.42, 61.41, 38.74, 38.82, 46.32, 16.32),
-                   ("1 AMR", 1, 76.44, 76.44, 37.89, 37.83, 50.72, 37.74),
-                   ("2 AMRs", 2, 81.61, 67.93, 80.53, 66.00, 71.49, 61.68),
-                   ("3 AMRs", 3, 81.65, 68.62, 80.35, 66.61, 71.86, 62.09))]},
-    "table5": {"dataset": "iMiGUE (the paper gives Table 5 for iMiGUE only)", "attack": "PGD20",
-               "rows": [dict(zip(("name", "lam", "clean", "R", "S", "RS", "avg", "ri"), r)) for r in (
-                   ("None", None, 62.37, 0.11, 6.97, 0.07, 2.38, 0.0), ("λ=0.1", 0.1, 60.25, 36.23, 59.15, 32.02, 42.47, 37.97),
-                   ("λ=0.5", 0.5, 45.08, 45.08, 27.39, 27.24, 33.24, 13.57), ("λ=1", 1.0, 43.89, 43.89, 32.85, 32.94, 36.56, 15.70),
-                   ("λ=2", 2.0, 42.76, 42.76, 34.82, 34.80, 37.46, 15.47), ("λ=5", 5.0, 41.64, 41.64, 37.50, 37.56, 38.9, 15.79))]},
+# The paper's numbers, per layout (NTU RGB+D 60 for "ntu", iMiGUE for "imigue"), for
+# side-by-side reading. Table 2 is the paper's Table 2 (PGD20), table2-cw its Table 7 (CW30,
+# supplementary), Table 4 its Table 4 (CW30).
+_T2 = ("name", "clean", "R", "S", "RS", "avg", "ri")
+_T4 = ("name", "num_amr", "clean", "R", "S", "RS", "avg", "ri")
+_T5 = ("name", "lam", "clean", "R", "S", "RS", "avg", "ri")
+
+
+def _t1(clean, unimodal_r, unimodal_s, *rows):
+    return [{"attack": a, "clean": clean, "R": r, "S": s_, "RS": rs, "avg": avg, "unimodal_R": unimodal_r,
+             "unimodal_S": unimodal_s} for a, r, s_, rs, avg in rows]
+
+
+_TABLE5 = {"dataset": "iMiGUE (the paper gives Table 5 for iMiGUE only)", "attack": "PGD20",
+           "rows": [dict(zip(_T5, r)) for r in (
+               ("None", None, 62.37, 0.11, 6.97, 0.07, 2.38, 0.0), ("λ=0.1", 0.1, 60.25, 36.23, 59.15, 32.02, 42.47, 37.97),
+               ("λ=0.5", 0.5, 45.08, 45.08, 27.39, 27.24, 33.24, 13.57), ("λ=1", 1.0, 43.89, 43.89, 32.85, 32.94, 36.56, 15.70),
+               ("λ=2", 2.0, 42.76, 42.76, 34.82, 34.80, 37.46, 15.47), ("λ=5", 5.0, 41.64, 41.64, 37.50, 37.56, 38.9, 15.79))]}
+
+PAPER_BY_LAYOUT = {
+    "ntu": {
+        "table1": {"dataset": "NTU RGB+D", "note": "printed as PGD10 in the paper's Table 1; ε = 6/255",
+                   "rows": _t1(88.09, 81.46, 81.46, ("FGSM", 50.48, 66.42, 22.12, 46.34), ("PGD", 6.39, 25.18, 1.66, 11.08),
+                               ("CW", 4.55, 22.46, 0.21, 9.03))},
+        "table2": {"dataset": "NTU RGB+D", "attack": "PGD20",
+                   "note": "as printed; MinSim's ✗ columns average to 28.94, which gives RI 17.00 by eq. 14",
+                   "rows": [dict(zip(_T2, r)) for r in (
+                       ("None", 88.09, 2.09, 11.84, 0.15, 4.69, 0.0), ("AT-R", 75.59, 75.59, 4.75, 4.74, 28.36, 11.17),
+                       ("AT-S", 78.44, 2.09, 78.31, 2.06, 27.49, 13.15), ("AT-RS", 61.42, 61.41, 40.41, 40.32, 47.38, 16.02),
+                       ("MinSim", 80.85, 2.93, 80.85, 3.03, 28.85, 16.92), ("ExFMem", 84.19, 0.00, 60.04, 0.00, 20.01, 11.42),
+                       ("MinSim+ExFMem", 82.81, 2.02, 75.77, 2.14, 26.64, 16.67), ("AMR", 81.65, 68.54, 80.40, 66.52, 71.82, 60.69))]},
+        "table2-cw": {"dataset": "NTU RGB+D", "attack": "CW30", "note": "the paper's Table 7 (supplementary)",
+                      "rows": [dict(zip(_T2, r)) for r in (
+                          ("None", 88.09, 0.98, 9.00, 0.00, 3.33, 0.0), ("AT-R", 75.59, 75.59, 2.80, 2.89, 27.09, 11.26),
+                          ("AT-S", 78.44, 1.41, 78.31, 1.41, 27.04, 14.06), ("AT-RS", 61.42, 61.41, 38.74, 38.82, 46.32, 16.32),
+                          ("MinSim", 80.85, 0.50, 80.84, 0.48, 27.27, 16.70), ("ExFMem", 84.19, 0.00, 60.98, 0.00, 20.33, 13.10),
+                          ("MinSim+ExFMem", 82.81, 0.00, 75.60, 0.00, 25.20, 16.59), ("AMR", 81.65, 68.62, 80.35, 66.61, 71.86, 62.09))]},
+        "table3": {"dataset": "NTU RGB+D", "rows": [{"index": 1, "mean_rgb": 0.3067, "mean_skel": 0.3187},
+                                                    {"index": 2, "mean_rgb": 0.3065, "mean_skel": 0.3275},
+                                                    {"index": 3, "mean_rgb": 0.3067, "mean_skel": 0.3240}]},
+        "table4": {"dataset": "NTU RGB+D", "attack": "CW30",
+                   "rows": [dict(zip(_T4, r)) for r in (
+                       ("None", None, 88.09, 0.98, 9.00, 0.00, 3.33, 0.0),
+                       ("AT with ✗RS (0 AMR)", 0, 61.42, 61.41, 38.74, 38.82, 46.32, 16.32),
+                       ("1 AMR", 1, 76.44, 76.44, 37.89, 37.83, 50.72, 37.74),
+                       ("2 AMRs", 2, 81.61, 67.93, 80.53, 66.00, 71.49, 61.68),
+                       ("3 AMRs", 3, 81.65, 68.62, 80.35, 66.61, 71.86, 62.09))]},
+        "table5": _TABLE5,
+    },
+    "imigue": {
+        "table1": {"dataset": "iMiGUE", "note": "printed as PGD10 in the paper's Table 1; ε = 6/255",
+                   "rows": _t1(62.37, 59.48, 46.86, ("FGSM", 6.86, 48.61, 2.52, 19.03), ("PGD", 0.35, 19.94, 0.24, 6.84),
+                               ("CW", 0.20, 20.82, 0.26, 7.09))},
+        "table2": {"dataset": "iMiGUE", "attack": "PGD20", "note": "as printed",
+                   "rows": [dict(zip(_T2, r)) for r in (
+                       ("None", 62.37, 0.11, 6.97, 0.07, 2.38, 0.0), ("AT-R", 47.32, 47.32, 0.00, 0.00, 15.77, -1.66),
+                       ("AT-S", 60.20, 0.00, 59.87, 0.00, 19.96, 15.41), ("AT-RS", 39.01, 39.01, 31.89, 31.95, 34.28, 8.54),
+                       ("MinSim", 60.60, 0.00, 53.28, 0.00, 17.76, 13.61), ("ExFMem", 60.53, 0.00, 43.00, 0.00, 14.33, 10.11),
+                       ("MinSim+ExFMem", 60.62, 0.00, 55.05, 0.00, 18.35, 14.22), ("AMR", 43.89, 43.89, 32.85, 32.94, 36.56, 15.70))]},
+        "table2-cw": {"dataset": "iMiGUE", "attack": "CW30", "note": "the paper's Table 7 (supplementary)",
+                      "rows": [dict(zip(_T2, r)) for r in (
+                          ("None", 62.37, 0.13, 6.67, 0.02, 2.27, 0.0), ("AT-R", 47.32, 47.32, 0.00, 0.00, 15.77, -1.55),
+                          ("AT-S", 60.20, 0.00, 59.79, 0.00, 19.93, 15.49), ("AT-RS", 39.01, 39.01, 30.94, 30.97, 33.64, 8.01),
+                          ("MinSim", 60.60, 0.00, 53.74, 0.02, 17.92, 13.88), ("ExFMem", 60.53, 0.00, 45.19, 0.00, 15.06, 10.95),
+                          ("MinSim+ExFMem", 60.62, 0.00, 54.72, 0.00, 18.24, 14.20), ("AMR", 43.89, 43.89, 32.46, 32.50, 36.28, 15.53))]},
+        # The paper's training setup puts 1 AMR in the iMiGUE model, yet its Table 3 lists three.
+        "table3": {"dataset": "iMiGUE; the paper lists 3 AMRs although its iMiGUE model has 1",
+                   "rows": [{"index": 1, "mean_rgb": 0.4666, "mean_skel": 0.4693},
+                            {"index": 2, "mean_rgb": 0.4663, "mean_skel": 0.4939},
+                            {"index": 3, "mean_rgb": 0.4665, "mean_skel": 0.4905}]},
+        "table4": {"dataset": "iMiGUE", "attack": "CW30",
+                   "rows": [dict(zip(_T4, r)) for r in (
+                       ("None", None, 62.37, 0.13, 6.67, 0.02, 2.27, 0.0),
+                       ("AT with ✗RS (0 AMR)", 0, 39.01, 39.01, 30.94, 30.97, 33.64, 8.01),
+                       ("1 AMR", 1, 43.89, 43.89, 32.46, 32.50, 36.28, 15.53),
+                       ("2 AMRs", 2, 42.93, 42.93, 31.27, 31.16, 35.12, 13.41),
+                       ("3 AMRs", 3, 42.38, 42.38, 33.33, 33.42, 36.38, 14.12))]},
+        "table5": {**_TABLE5, "dataset": "iMiGUE"},
+    },
 }
 
 TABLE_FILES = [f"table{n}.{ext}" for n in (1, 2, 3, 4, 5) for ext in ("md", "json")] + \
               ["table2-cw.md", "table2-cw.json", "diagnostics.md", "diagnostics.json", "index.html", "views.json"]
 ACC_COLUMNS = (("clean", "✓RS"), ("R", "✗R"), ("S", "✗S"), ("RS", "✗RS"), ("avg", "Avg"))
+
+
+def _amrs(n: int) -> str:
+    return f"{n} AMR" + ("s" if n != 1 else "")
 
 
 def _figure_files(out: Path) -> list[str]:
@@ -567,6 +647,7 @@ def write_outputs(plan: ReproducePlan, out: str | Path) -> list[str]:
 
     out = Path(out)
     pgd, cw = plan.pgd.upper(), plan.cw.upper()
+    PAPER = PAPER_BY_LAYOUT[plan.layout]  # noqa: N806 - the paper's tables of this layout's dataset
     reports = {spec.key: _load(out, spec.key) for spec in model_specs(plan)}
     n_eval = reports["none"]["dataset"]["num_samples"]
     scale = (f"synthetic set, {plan.classes} classes, tiny preset; {n_eval} X-Sub test clips; "
@@ -608,7 +689,7 @@ def write_outputs(plan: ReproducePlan, out: str | Path) -> list[str]:
         table2[stem] = view
         md = [f"# Table 2 — defences against {label} (ε = {_fmt(plan.eps)}/255), RI against None", "", scale, "",
               markdown_table(["Defence", "✓RS", "✗R", "✗S", "✗RS", "Avg", "RI"], _comparison_rows(view["rows"]))]
-        paper = PAPER["table2"] if stem == "table2" else None
+        paper = PAPER[stem]
         if paper:
             md += ["", f"Paper ({paper['dataset']}, {paper['attack']}; {paper['note']}):", "",
                    markdown_table(["Defence", "✓RS", "✗R", "✗S", "✗RS", "Avg", "RI"], _comparison_rows(paper["rows"]))]
@@ -620,7 +701,7 @@ def write_outputs(plan: ReproducePlan, out: str | Path) -> list[str]:
     amr_view = views.amr_weights(reports["amr"], "AMR")
     t3_rows = [{k: a[k] for k in ("index", "layer_rgb", "layer_skel", "mean_rgb", "mean_skel")} for a in amr_view["amrs"]]
     head = ["", *(f"AMR {a['index']}" for a in t3_rows)]
-    md = [f"# Table 3 — mean AMR weights of the AMR model ({plan.num_amr} AMRs)", "", scale, "",
+    md = [f"# Table 3 — mean AMR weights of the AMR model ({_amrs(plan.num_amr)})", "", scale, "",
           markdown_table(head, [["Mean value of W_R", *(a["mean_rgb"] for a in t3_rows)],
                                 ["Mean value of W_s", *(a["mean_skel"] for a in t3_rows)],
                                 ["Layers (RGB / skeleton)", *(f"{a['layer_rgb']} / {a['layer_skel']}" for a in t3_rows)]], 4),
@@ -634,7 +715,7 @@ def write_outputs(plan: ReproducePlan, out: str | Path) -> list[str]:
     # Table 4: number of AMRs against CW30 (0 = AT-RS).
     t4_keys = ["none", *(amr_count_key(plan, n) for n in sorted(plan.amr_counts)), "amr-frozen"]
     t4_names = ["None", *(("AT-RS (0 AMR)" if n == 0 else f"{n} AMR" + ("s" if n > 1 else "")) for n in sorted(plan.amr_counts)),
-                f"{plan.num_amr} AMRs, W frozen at 0.5"]
+                f"{_amrs(plan.num_amr)}, W frozen at 0.5"]
     view4 = views.defence_table([reports[k] for k in t4_keys], baseline=0, attack=cw, eps=plan.eps, names=t4_names)
     for row, n in zip(view4["rows"], [None, *sorted(plan.amr_counts), plan.num_amr]):
         row["num_amr"] = n

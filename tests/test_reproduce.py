@@ -65,6 +65,11 @@ def test_reproduce_small(tmp_path):
         # eq. 14, against the undefended row
         assert row["ri"] == pytest.approx((row["clean"] + row["avg"]) - (base["clean"] + base["avg"]))
 
+    # Beside each table, the paper's numbers of the layout's dataset (NTU RGB+D here).
+    assert table2["paper"]["dataset"] == "NTU RGB+D" and table2["paper"]["rows"][-1]["clean"] == 81.65
+    table2_cw = json.loads((out / "table2-cw.json").read_text())
+    assert table2_cw["paper"]["attack"] == "CW30" and table2_cw["paper"]["rows"][-1]["RS"] == 66.61
+
     table3 = json.loads((out / "table3.json").read_text())
     assert [r["index"] for r in table3["rows"]] == [1, 2, 3]
     # Table 3 is the AMR checkpoint's σ(θ), read here straight from the file.
@@ -122,15 +127,41 @@ def test_reproduce_small_on_the_imigue_layout(tmp_path):
             assert len(report["worst_case"][0]["eps_skel_pixels"]) == 2
     for name in TABLE_FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    # Beside each table, the paper's iMiGUE numbers, not NTU RGB+D's.
+    for stem, clean in (("table1", 62.37), ("table2", 62.37), ("table2-cw", 62.37), ("table4", 62.37)):
+        paper = json.loads((out / f"{stem}.json").read_text())["paper"]
+        assert paper["dataset"].startswith("iMiGUE") and paper["rows"][0]["clean"] == clean, stem
+    assert json.loads((out / "table2.json").read_text())["paper"]["rows"][-1]["RS"] == 32.94  # AMR, PGD20
+    assert "Paper (iMiGUE" in (out / "table4.md").read_text()
+    # As the paper's iMiGUE model, the main AMR model (and its frozen ablation) has 1 AMR.
+    assert json.loads((out / "table4.json").read_text())["models"]["1 AMR, W frozen at 0.5"] == "amr-frozen"
+    assert "(1 AMR)" in (out / "table3.md").read_text()
     # A plan of the other layout in the same folder is refused.
     result = CliRunner().invoke(app, ["reproduce", "--out", str(out), "--size", "small"])
     assert result.exit_code == 2 and "layout" in result.output
 
 
-def test_reproduce_resumes_an_interrupted_run(tmp_path):
-    """Delete one report and one model: only those stages run again."""
+def test_reproduce_runs_a_subset_then_resumes_an_interrupted_run(tmp_path):
+    """`--models` trains and evaluates only those models and leaves the tables to the run
+    that completes the plan, which then skips them. Then delete one report and one model:
+    only those stages run again."""
     out = tmp_path / "repro"
-    run("reproduce", "--out", out, "--size", "small", "--device", "cpu")
+    bad = CliRunner().invoke(app, ["reproduce", "--out", str(out), "--size", "small", "--models", "amr,bogus"])
+    assert bad.exit_code == 2 and "unknown model bogus" in bad.output and "amr-frozen" in bad.output
+    assert not out.exists()  # refused before any folder is made
+
+    log = run("reproduce", "--out", out, "--size", "small", "--device", "cpu", "--models", "skeleton,at-s")
+    assert sorted(p.name for p in (out / "reports").glob("*.json")) == ["at-s.json", "skeleton.json"]
+    assert "not yet: 15 of the plan's models have no report" in log and "the tables wait" in log
+    assert not any((out / name).exists() for name in TABLE_FILES)
+    assert json.loads((out / "run-models.json").read_text())["models"] == ["at-s", "skeleton"]
+    log = run("reproduce", "--out", out, "--size", "small", "--device", "cpu")
+    skipped = [line.split("] ")[1].split(": skipped")[0].split(" (")[0] for line in log.splitlines()
+               if "skipped (already done)" in line]
+    assert sorted(skipped) == sorted([f"synthesise {plan_for('small').num_clips} clips and prepare the tiny cache",
+                                      "train Unimodal S", "train AT-S", "evaluate Unimodal S", "evaluate AT-S"])
+    assert all((out / name).is_file() for name in TABLE_FILES)
+
     (out / "reports" / "amr-2.json").unlink()
     shutil.rmtree(out / "runs" / "at-s" / "model")
     (out / "reports" / "at-s.json").unlink()

@@ -6,7 +6,9 @@
 For every model of the reports in ``OUT/reports/``: clean accuracy, the worst case per
 mode (✗R, ✗S, ✗RS: a clip counts as robust only if it is right on clean input and no attack
 of the budget fooled it) at ``--eps``, their average and RI against the undefended model
-(eq. 14, worst case in place of one attack), and the AMR weight means. With several folders
+(eq. 14, worst case in place of one attack), and the AMR weight means. Where the folder has
+AutoAttack reports (``reproduce``'s autoattack stage): ✗RS under AutoAttack and "✗RS all",
+clip by clip under the suite and AutoAttack together (the number to quote). With several folders
 of the same plan (seeds) each cell is the mean ± the standard error over seeds; with one it
 is the value ± the binomial standard error sqrt(p(1 − p)/n) of its n test clips, which is
 the error bar of a single run's sampling of clips, not of training.
@@ -22,6 +24,7 @@ import math
 from pathlib import Path
 
 MODES = ("R", "S", "RS")
+AA_COLUMNS = ("RS_aa", "RS_all")  # ✗RS under AutoAttack; under the suite and AutoAttack, clip by clip
 
 
 def _worst(report: dict, eps: float) -> dict | None:
@@ -51,7 +54,7 @@ def model_numbers(report: dict, eps: float) -> dict:
 
 
 def load_run(out: Path, eps: float) -> tuple[dict, dict[str, dict]]:
-    from robustact.models.reproduce import ReproducePlan
+    from robustact.models.reproduce import ReproducePlan, autoattack_numbers
 
     plan = json.loads((out / "plan.json").read_text())
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in plan.items() if k != "schema"}
@@ -61,6 +64,9 @@ def load_run(out: Path, eps: float) -> tuple[dict, dict[str, dict]]:
         if path.is_file():
             report = json.loads(path.read_text())
             models[spec.key] = {"name": report["model"]["name"], **model_numbers(report, eps)}
+            aa = autoattack_numbers(out, spec.key, eps)
+            if aa:
+                models[spec.key].update(RS_aa=aa["autoattack_RS"], RS_all=aa["worst_of_all_RS"])
     base = models.get("none")
     for numbers in models.values():
         if base and numbers["avg"] is not None and base["avg"] is not None:
@@ -79,7 +85,7 @@ def combine(runs: list[dict[str, dict]]) -> dict[str, dict]:
     for key in dict.fromkeys(k for r in runs for k in r):  # every model of any run, the first run's first
         rows = [r[key] for r in runs if key in r]
         cell = {"name": rows[0]["name"], "seeds": len(rows)}
-        for col in ("clean", *MODES, "avg", "ri", "w_rgb", "w_skel"):
+        for col in ("clean", *MODES, *AA_COLUMNS, "avg", "ri", "w_rgb", "w_skel"):
             values = [r.get(col) for r in rows]
             if any(v is None for v in values):
                 cell[col] = None
@@ -87,7 +93,7 @@ def combine(runs: list[dict[str, dict]]) -> dict[str, dict]:
             mean = sum(values) / len(values)
             if len(values) > 1:
                 se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
-            elif col in ("clean", *MODES):
+            elif col in ("clean", *MODES, *AA_COLUMNS):
                 se = _binomial_se(mean, rows[0]["n"])
             else:
                 se = None
@@ -108,12 +114,15 @@ def markdown(table: dict[str, dict], title: str) -> str:
     (a `reproduce --models` subset over extra seeds), since their ± then differ in kind."""
     counts = {cell["seeds"] for cell in table.values()}
     seeds = len(counts) > 1
-    lines = [f"**{title}**", "", "| Model |" + (" seeds |" if seeds else "") + " clean | ✗R | ✗S | ✗RS | Avg | RI |"
-             " W̄ RGB | W̄ skel |", "|---|" + ("---:|" if seeds else "") + "---:|---:|---:|---:|---:|---:|---:|---:|"]
+    aa = any(cell.get("RS_all") is not None for cell in table.values())
+    lines = [f"**{title}**", "", "| Model |" + (" seeds |" if seeds else "") + " clean | ✗R | ✗S | ✗RS |" +
+             (" ✗RS AA | ✗RS all |" if aa else "") + " Avg | RI | W̄ RGB | W̄ skel |",
+             "|---|" + ("---:|" if seeds else "") + "---:|" * (8 + 2 * aa)]
     for cell in table.values():
         lines.append(f"| {cell['name']} |" + (f" {cell['seeds']} |" if seeds else "") +
-                     f" {_fmt(cell['clean'])} | {_fmt(cell['R'])} | {_fmt(cell['S'])} | "
-                     f"{_fmt(cell['RS'])} | {_fmt(cell['avg'])} | {_fmt(cell['ri'])} | {_fmt(cell.get('w_rgb'), 3)} | "
+                     f" {_fmt(cell['clean'])} | {_fmt(cell['R'])} | {_fmt(cell['S'])} | {_fmt(cell['RS'])} |" +
+                     (f" {_fmt(cell.get('RS_aa'))} | {_fmt(cell.get('RS_all'))} |" if aa else "") +
+                     f" {_fmt(cell['avg'])} | {_fmt(cell['ri'])} | {_fmt(cell.get('w_rgb'), 3)} | "
                      f"{_fmt(cell.get('w_skel'), 3)} |")
     return "\n".join(lines)
 
@@ -145,7 +154,7 @@ def paired(runs: list[dict[str, dict]], a: str, b: str) -> dict[str, tuple | Non
     standard error of the differences: the seed-to-seed spread shared by both rows cancels."""
     both = [r for r in runs if a in r and b in r]
     out: dict[str, tuple | None] = {"seeds": len(both)}
-    for col in ("clean", *MODES, "avg", "ri"):
+    for col in ("clean", *MODES, "RS_all", "avg", "ri"):
         diffs = [r[a][col] - r[b][col] for r in both if r[a].get(col) is not None and r[b].get(col) is not None]
         if len(diffs) < 2:
             out[col] = None
@@ -158,10 +167,10 @@ def paired(runs: list[dict[str, dict]], a: str, b: str) -> dict[str, tuple | Non
 
 def paired_markdown(rows: list[tuple[str, str, dict]]) -> str:
     lines = ["**Paired differences over seeds** (mean ± SE; per seed in brackets)", "",
-             "| A − B | seeds | clean | ✗R | ✗S | ✗RS | Avg | RI |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| A − B | seeds | clean | ✗R | ✗S | ✗RS | ✗RS all | Avg | RI |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for a, b, d in rows:
         cells = ["–" if d[c] is None else f"{d[c][0]:+.1f} ± {d[c][1]:.1f} [{', '.join(f'{x:+.1f}' for x in d[c][2])}]"
-                 for c in ("clean", *MODES, "avg", "ri")]
+                 for c in ("clean", *MODES, "RS_all", "avg", "ri")]
         lines.append(f"| {a} − {b} | {d['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

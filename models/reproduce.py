@@ -13,8 +13,11 @@ steps); ``run_plan(plan, out)`` then works through a list of stages:
 3. ``evaluate``  — every model with PGD20 and CW30 in the modes R, S, RS at ε = 8/255;
                    None also with FGSM/PGD20/CW30 at ε ∈ {2, 4, 6, 8}/255 (Figure 2) and
                    the unimodal models also at 6/255 (Table 1, like None);
-4. ``tables``    — Tables 1–5 (markdown + JSON, the paper's numbers alongside), Figures 2
-                   and 4 (SVG, drawn by ``models.views``) and ``index.html``.
+4. ``autoattack`` — every fusion model with AutoAttack (APGD-CE → APGD-DLR → Square5000,
+                   a worst-case cascade) in RS at ε = 8/255, on the same clips;
+5. ``tables``    — Tables 1–5 (markdown + JSON, the paper's numbers alongside), the
+                   AutoAttack table (✗RS clip by clip under the suite and AutoAttack),
+                   Figures 2 and 4 (SVG, drawn by ``models.views``) and ``index.html``.
 
 Output folder::
 
@@ -22,6 +25,8 @@ Output folder::
     OUT/data/raw/, OUT/data/cache/   synthetic set and its cache
     OUT/runs/<key>/model/            checkpoints (runs/<key>/last/ while training)
     OUT/reports/<key>.json           robustact.report/v2 reports (+ <key>.clips.npz per-clip records)
+    OUT/reports/autoattack/<key>.json  the AutoAttack reports (+ .clips.npz)
+    OUT/autoattack.md|json           ✗RS under PGD/CW, AutoAttack and both, per fusion model
     OUT/diagnostics.md|json          worst case and gradient-masking diagnostics of every model
     OUT/table{1..5}.md|json, OUT/table2-cw.md|json
     OUT/figure2-<attack>.svg, OUT/figure4-amr<i>.svg, OUT/index.html, OUT/views.json
@@ -85,6 +90,9 @@ class ReproducePlan:
     eval_batch_size: int = 16
     pgd_steps: int = 20
     cw_steps: int = 30
+    # Then AutoAttack on every fusion model, in RS at ``eps``, as a worst-case cascade on the
+    # same clips (``autoattack`` = APGD-CE → APGD-DLR → Square5000); () leaves it out.
+    autoattack: tuple[str, ...] = ("autoattack",)
     eps: float = 8.0
     table1_eps: float = 6.0
     curve_eps: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)
@@ -107,6 +115,14 @@ class ReproducePlan:
             raise ValueError("eval_limit must be at least 1")
         if 0 not in self.amr_counts or self.num_amr not in self.amr_counts or 1.0 not in self.lams:
             raise ValueError("amr_counts must hold 0 and num_amr, lams must hold 1")
+        from .evaluate import AUTOATTACK, expand_attacks, parse_attack_spec
+
+        for spec in expand_attacks(self.autoattack):
+            name = parse_attack_spec(spec)[0]
+            if name not in AUTOATTACK:
+                raise ValueError(f"autoattack holds AutoAttack's attacks (apgd-ce, apgd-dlr, square), got {spec!r}")
+            if name == "apgd-dlr" and self.classes < 3:
+                raise ValueError("apgd-dlr (in autoattack) needs at least 3 classes")
 
     # -- derived sizes ----------------------------------------------------------------------
 
@@ -150,7 +166,7 @@ class ReproducePlan:
 
     def estimate(self) -> dict[str, float]:
         """Estimated seconds on 2 CPU cores, per stage kind and in total."""
-        out: dict[str, float] = {"data": 0.0, "train": 0.0, "evaluate": 0.0, "tables": 0.0}
+        out: dict[str, float] = {"data": 0.0, "train": 0.0, "evaluate": 0.0, "autoattack": 0.0, "tables": 0.0}
         for stage in self.stages():
             out[stage.kind] += stage.estimate
         out["total"] = sum(out.values())
@@ -164,9 +180,12 @@ class ReproducePlan:
                 f"({self.train_clips} X-Sub train, {self.test_clips} test, {self.eval_clips} evaluated); "
                 f"{len(models)} models ({len(models) - adv} clean × {self.clean_epochs} epochs, "
                 f"{adv} adversarial × {self.adv_epochs} epochs, PGD-{self.train_attack_steps}); "
-                f"attacks {self.pgd.upper()}, {self.cw.upper()} at ε={_fmt(self.eps)}/255\n"
+                f"attacks {self.pgd.upper()}, {self.cw.upper()} at ε={_fmt(self.eps)}/255"
+                + (f", then AutoAttack ({' → '.join(a.label for a in _autoattack_suite(self))}) in RS on the "
+                   "fusion models" if self.autoattack else "") + "\n"
                 f"estimated time on 2 CPU cores: {_clock(est['total'])} (data {_clock(est['data'])}, "
-                f"training {_clock(est['train'])}, evaluation {_clock(est['evaluate'])})")
+                f"training {_clock(est['train'])}, evaluation {_clock(est['evaluate'])}"
+                + (f", AutoAttack {_clock(est['autoattack'])}" if self.autoattack else "") + ")")
 
 
 SIZES: dict[str, ReproducePlan] = {
@@ -175,15 +194,19 @@ SIZES: dict[str, ReproducePlan] = {
     # For tests: 24 clips of 3 classes, one epoch each, 3 evaluated clips, short attacks.
     "small": ReproducePlan(size="small", classes=4, subjects=(1, 3), cameras=(1, 2), replications=(1, 2),
                            frames=16, clean_epochs=1, adv_epochs=1, batch_size=8, train_attack_steps=1,
-                           eval_limit=3, pgd_steps=2, cw_steps=2, curve_eps=(4.0, 8.0)),
+                           eval_limit=3, pgd_steps=2, cw_steps=2, curve_eps=(4.0, 8.0),
+                           autoattack=("apgd-ce4", "apgd-dlr4", "square20")),
 }
 
 
-def plan_for(size: str, *, seed: int = 0, epochs: int | None = None, layout: str = "ntu") -> ReproducePlan:
+def plan_for(size: str, *, seed: int = 0, epochs: int | None = None, layout: str = "ntu",
+             autoattack: bool = True) -> ReproducePlan:
     if size not in SIZES:
         raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
     # The paper inserts 3 AMRs on NTU RGB+D and 1 on iMiGUE (Section 4.2).
     plan = dataclasses.replace(SIZES[size], seed=seed, layout=layout, num_amr=1 if layout == "imigue" else 3)
+    if not autoattack:
+        plan = dataclasses.replace(plan, autoattack=())
     return plan.with_epochs(epochs) if epochs is not None else plan
 
 
@@ -287,6 +310,17 @@ def _suite(plan: ReproducePlan, spec: ModelSpec):
     return suite
 
 
+def _autoattack_suite(plan: ReproducePlan):
+    from .evaluate import build_suite
+
+    return build_suite(list(plan.autoattack), ["RS"], [plan.eps])
+
+
+def _autoattack_path(out: Path, key: str) -> Path:
+    """AutoAttack reports live apart from the models' own (``reports/*.json`` is one per model)."""
+    return out / "reports" / "autoattack" / f"{key}.json"
+
+
 def _suite_steps(plan: ReproducePlan, spec: ModelSpec) -> int:
     """Forward+backward passes per clip of the evaluation suite (plus the clean pass)."""
     return 1 + sum(1 if c.name == "fgsm" else c.steps for c in _suite(plan, spec))
@@ -297,7 +331,7 @@ def _suite_steps(plan: ReproducePlan, spec: ModelSpec) -> int:
 
 @dataclass
 class Stage:
-    kind: str                     # data | train | evaluate | tables
+    kind: str                     # data | train | evaluate | autoattack | tables
     key: str                      # model key (train / evaluate) or "data" / "tables"
     label: str                    # one-line description
     estimate: float               # seconds on 2 CPU cores
@@ -332,8 +366,20 @@ def build_stages(plan: ReproducePlan) -> list[Stage]:
         labels = sorted({f"{a.label}@{_fmt(a.eps_rgb * 255)}" for a in suite})
         stages.append(Stage("evaluate", spec.key, f"evaluate {spec.name} ({len(suite)} attacks: {', '.join(labels)})",
                             c["model_overhead"] + plan.eval_clips * _suite_steps(plan, spec) * step, spec))
+    if plan.autoattack:
+        # A cascade: APGD-CE on every clean-correct clip, APGD-DLR and Square only on the
+        # clips still standing. Costed as if a quarter survive APGD-CE (a Square query is a
+        # forward pass, about a third of a step).
+        steps = {a.name: a.steps for a in _autoattack_suite(plan)}
+        per_clip = steps.get("apgd-ce", 0) + 0.25 * (steps.get("apgd-dlr", 0) + steps.get("square", 0) / 3)
+        labels = " → ".join(a.label for a in _autoattack_suite(plan))
+        for spec in specs:
+            if spec.arch == "fusion":
+                stages.append(Stage("autoattack", spec.key, f"AutoAttack {spec.name} (RS: {labels})",
+                                    c["model_overhead"] + plan.eval_clips * per_clip * c["eval_step_fusion"], spec))
     stages.append(Stage("tables", "tables", "write Tables 1-5, Figures 2 and 4, index.html", 1.0))
     return stages
+
 
 
 # --------------------------------------------------------------------------- running
@@ -349,10 +395,21 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# Plan fields added after a folder may have been started, which only add stages (nothing
+# already done changes): a stored plan without one takes the current value, so a rerun of
+# an older folder continues it with the new stages instead of refusing it.
+ADDED_FIELDS = ("autoattack",)
+
+
 def _check_plan(plan: ReproducePlan, out: Path) -> None:
     path = out / "plan.json"
     if path.is_file():
         stored = json.loads(path.read_text())
+        added = [k for k in ADDED_FIELDS if k not in stored]
+        if added:
+            stored.update({k: plan.to_dict()[k] for k in added})
+            if stored == plan.to_dict():
+                _write_atomic(path, json.dumps(stored, indent=2))
         if stored != plan.to_dict():
             diff = sorted(k for k in set(stored) | set(plan.to_dict()) if stored.get(k) != plan.to_dict().get(k))
             raise PlanMismatch(f"{out} was started with another plan (differs in {', '.join(diff)}); "
@@ -426,7 +483,7 @@ def _run(plan: ReproducePlan, out: Path, device, log, progress, only: set[str] |
         def step(p: dict, _index=index, _stage=stage) -> None:
             emit({**p, "stage": _index, "stages": len(stages), "label": _stage.label})
 
-        missing = [s.key for s in plan.models() if not (out / "reports" / f"{s.key}.json").is_file()]
+        missing = _missing_reports(plan, out)
         if stage.kind == "tables" and missing:
             status = "waiting"  # a --models run: the tables need every model's report
         else:
@@ -435,18 +492,35 @@ def _run(plan: ReproducePlan, out: Path, device, log, progress, only: set[str] |
         results.append({"kind": stage.kind, "key": stage.key, "status": status, "seconds": round(seconds, 2)})
         elapsed = time.perf_counter() - t_start
         done = ("skipped (already done)" if status == "skipped" else
-                f"not yet: {len(missing)} of the plan's models have no report ({', '.join(missing)})"
+                f"not yet: {len(missing)} of the plan's reports are missing ({', '.join(missing)})"
                 if status == "waiting" else f"done in {seconds:.1f}s (est. {stage.estimate:.0f}s)")
         emit_line(f"[{index:2d}/{len(stages)}] {stage.label}: {done}; elapsed {_clock(elapsed)}")
     total = time.perf_counter() - t_start
     tables = results[-1]["status"] != "waiting"
     summary = {"out": str(out), "plan": plan.to_dict(), "estimate_seconds": round(plan.estimate()["total"], 1),
                "seconds": round(total, 2), "stages": results,
-               "files": sorted(TABLE_FILES + _figure_files(out)) if tables else []}
+               "files": sorted(table_files(plan) + _figure_files(out)) if tables else []}
     if only is not None:
         summary["models"] = sorted(only)
     _write_atomic(out / ("run.json" if only is None else "run-models.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _missing_reports(plan: ReproducePlan, out: Path) -> list[str]:
+    """The plan's reports not yet written (model keys; "<key> (AutoAttack)" for those)."""
+    aa = {s.key for s in plan.stages() if s.kind == "autoattack"}
+    return ([s.key for s in plan.models() if not (out / "reports" / f"{s.key}.json").is_file()]
+            + [f"{k} (AutoAttack)" for k in sorted(aa) if not _autoattack_path(out, k).is_file()])
+
+
+def _eval_set(plan: ReproducePlan, cache: Path, meta: dict):
+    """The X-Sub test clips every evaluation of the plan runs on (the same for each model)."""
+    from .data.cache import ClipDataset
+
+    dataset = ClipDataset(cache, protocol="xsub", split="test", normalisation=meta.get("normalisation"))
+    if plan.eval_limit is not None and plan.eval_limit < len(dataset):
+        dataset = dataset.subset(plan.eval_limit, seed=plan.seed)
+    return dataset
 
 
 def _run_stage(plan, out: Path, cache: Path, stage: Stage, device, step) -> str:
@@ -489,22 +563,23 @@ def _run_stage(plan, out: Path, cache: Path, stage: Stage, device, step) -> str:
             train(model_cfg, train_cfg, dataset, run_dir, preset=PRESET, device=device, resume=True,
                   progress=lambda p: step(p) if p["phase"] == "train" else None)
         return "done"
-    if stage.kind == "evaluate":
-        path = out / "reports" / f"{stage.key}.json"
+    if stage.kind in ("evaluate", "autoattack"):
+        cascade = stage.kind == "autoattack"
+        path = _autoattack_path(out, stage.key) if cascade else out / "reports" / f"{stage.key}.json"
         if path.is_file():
             return "skipped"
         from .checkpoint import load_checkpoint
-        from .data.cache import ClipDataset
         from .evaluate import evaluate
         from .report import write_report
 
         model_dir = out / "runs" / stage.key / "model"
         net, meta = load_checkpoint(model_dir)
-        dataset = ClipDataset(cache, protocol="xsub", split="test", normalisation=meta.get("normalisation"))
-        if plan.eval_limit is not None and plan.eval_limit < len(dataset):
-            dataset = dataset.subset(plan.eval_limit, seed=plan.seed)
-        report, records = evaluate(net, meta, dataset, _suite(plan, stage.spec), batch_size=plan.eval_batch_size,
+        # AutoAttack runs as a cascade (each attack only on the clips still standing) and
+        # without the diagnostics, which the model's own report already holds.
+        suite = _autoattack_suite(plan) if cascade else _suite(plan, stage.spec)
+        report, records = evaluate(net, meta, _eval_set(plan, cache, meta), suite, batch_size=plan.eval_batch_size,
                                    seed=plan.seed, device=device, progress=step,
+                                   strategy="worst-case" if cascade else "full", diagnostics=not cascade,
                                    dataset_info={"name": "synthetic", "layout": plan.layout, "cache": str(cache),
                                                  "protocol": "xsub",
                                                  "split": "test"},
@@ -610,6 +685,11 @@ def _amrs(n: int) -> str:
 
 def _figure_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.glob("figure*.svg"))
+
+
+def table_files(plan: ReproducePlan) -> list[str]:
+    """The files ``write_outputs`` writes besides the figures."""
+    return TABLE_FILES + (["autoattack.md", "autoattack.json"] if plan.autoattack else [])
 
 
 def _load(out: Path, key: str) -> dict[str, Any]:
@@ -773,6 +853,8 @@ def write_outputs(plan: ReproducePlan, out: str | Path) -> list[str]:
     _write_table(out, "diagnostics", {"title": "Worst case and diagnostics", "eps": plan.eps, "scale": scale,
                                       "rows": diag_rows}, "\n".join(md))
 
+    aa_rows = _autoattack_table(plan, out, reports, scale) if plan.autoattack else []
+
     # Figure 2 (None: accuracy vs ε per attack) and Figure 4 (AMR per-channel weights).
     for old in out.glob("figure*.svg"):
         old.unlink()
@@ -803,8 +885,84 @@ def write_outputs(plan: ReproducePlan, out: str | Path) -> list[str]:
     _write_atomic(out / "views.json", json.dumps({**page_views, "extra_tables": {k: v for k, _, v in extra}},
                                                  indent=2, ensure_ascii=False))
     title = f"robustact reproduce — {plan.size} plan ({scale})"
-    _write_atomic(out / "index.html", views.views_html(page_views, title=title, extra_tables=extra))
-    return sorted(TABLE_FILES + _figure_files(out))
+    sections = []
+    if aa_rows:
+        sections.append(("autoattack", f"AutoAttack in RS (ε = {_fmt(plan.eps)}/255)",
+                         views.plain_table_html(AA_NOTE, AA_HEAD, [_aa_cells(r) for r in aa_rows])))
+    _write_atomic(out / "index.html", views.views_html(page_views, title=title, extra_tables=extra,
+                                                       extra_sections=sections))
+    return sorted(table_files(plan) + _figure_files(out))
+
+
+AA_HEAD = ["Model", "✓RS", "✗RS {pgd}", "✗RS {cw}", "✗RS worst case", "✗RS AutoAttack", "✗RS worst of all",
+           "only AutoAttack broke", "only the suite broke"]
+AA_NOTE = ("✗RS worst case: no attack of the model's suite (PGD, CW; modes R, S and RS, since an R- or "
+           "S-only perturbation is an RS one) broke the clip. AutoAttack: APGD-CE → APGD-DLR → Square in RS, "
+           "each only on the clips still standing. Worst of all: neither broke it, clip by clip; the number to "
+           "quote. The last two columns count clips (of the clean-correct ones) that one side broke and the "
+           "other missed.")
+
+
+def _aa_cells(r: dict[str, Any]) -> list[Any]:
+    return [r["name"], r["clean"], r["pgd_RS"], r["cw_RS"], r["worst_RS"], r["autoattack_RS"], r["worst_of_all_RS"],
+            r["only_autoattack"], r["only_suite"]]
+
+
+def autoattack_numbers(out: str | Path, key: str, eps: float) -> dict[str, Any] | None:
+    """✗RS of model ``key`` under AutoAttack, and clip by clip under AutoAttack and its own
+    report's suite together (robust only if neither broke the clip; R- and S-only breaks of
+    the suite count, being RS perturbations too), at budget ``eps``/255; None when the
+    folder has no AutoAttack report for it. Refuses reports of other weights or clips."""
+    import numpy as np
+
+    from .evaluate import ClipRecords
+    from .report import load_report, worst_case_entry
+
+    out = Path(out)
+    aa_path = _autoattack_path(out, key)
+    if not aa_path.is_file():
+        return None
+    rep, aa = _load(out, key), load_report(aa_path)
+    own = ClipRecords.load(out / "reports" / rep["per_clip"]["file"])
+    cascade = ClipRecords.load(aa_path.with_name(aa["per_clip"]["file"]))
+    if (aa["model"].get("weights_sha256") != rep["model"].get("weights_sha256")
+            or not np.array_equal(own.clip, cascade.clip) or not np.array_equal(own.clean_pred, cascade.clean_pred)):
+        raise ValueError(f"{aa_path} was not run on the checkpoint and clips of reports/{key}.json "
+                         "(a model retrained since?); delete it and rerun to attack the current one")
+    at_eps = [e for e, c in enumerate(own.suite) if round(c["eps_rgb"] * 255, 3) == round(eps, 3)]
+    aa_eps = [e for e, c in enumerate(cascade.suite) if round(c["eps_rgb"] * 255, 3) == round(eps, 3)]
+    clean_ok = own.clean_correct
+    suite_ok = clean_ok & ~(own.outcome[:, at_eps] == 1).any(axis=1)
+    aa_ok = clean_ok & ~(cascade.outcome[:, aa_eps] == 1).any(axis=1)
+    entry = worst_case_entry(aa, eps)
+    return {"autoattack_RS": entry["modes"]["RS"]["accuracy"] if entry else None,
+            "worst_of_all_RS": 100.0 * float((suite_ok & aa_ok).sum()) / len(own),
+            "only_autoattack": int((suite_ok & ~aa_ok).sum()), "only_suite": int((aa_ok & ~suite_ok).sum()),
+            "autoattack": [a["label"] for a in aa["attacks"]]}
+
+
+def _autoattack_table(plan: ReproducePlan, out: Path, reports: dict[str, dict], scale: str) -> list[dict]:
+    """``autoattack.md|json``: per fusion model, ✗RS under the suite, under AutoAttack and
+    under both, clip by clip (a clip counts as robust only if neither broke it)."""
+    from .report import find_attack, worst_case_entry
+
+    rows = []
+    for spec in model_specs(plan):
+        if spec.arch != "fusion":
+            continue
+        rep = reports[spec.key]
+        rows.append({"name": spec.name, "key": spec.key, "clean": rep["clean"]["accuracy"],
+                     "pgd_RS": find_attack(rep, plan.pgd.upper(), plan.eps)["modes"]["RS"]["accuracy"],
+                     "cw_RS": find_attack(rep, plan.cw.upper(), plan.eps)["modes"]["RS"]["accuracy"],
+                     "worst_RS": worst_case_entry(rep, plan.eps)["modes"]["RS"]["accuracy"],
+                     **autoattack_numbers(out, spec.key, plan.eps)})
+    head = [h.format(pgd=plan.pgd.upper(), cw=plan.cw.upper()) for h in AA_HEAD]
+    labels = " → ".join(rows[0]["autoattack"]) if rows else ""
+    md = [f"# AutoAttack in RS (ε = {_fmt(plan.eps)}/255): {labels}", "", scale, "", AA_NOTE, "",
+          markdown_table(head, [_aa_cells(r) for r in rows])]
+    _write_table(out, "autoattack", {"title": "AutoAttack", "eps": plan.eps, "attacks": labels, "scale": scale,
+                                     "rows": rows}, "\n".join(md))
+    return rows
 
 
 # --------------------------------------------------------------------------- helpers

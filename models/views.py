@@ -626,14 +626,28 @@ def render_html(reports: Reports, baseline: int | str | None = None, attack: str
     return views_html(build_views(reports, baseline=baseline, attack=attack, eps=eps, names=names), title)
 
 
+def plain_table_html(note: str, head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A note and a table of text and numbers (2 decimals for floats, – for None)."""
+    def cell(v: Any) -> str:
+        return _cell(v) if isinstance(v, float) or v is None else _text_cell(str(v))
+
+    return f'<p class="note">{escape(note)}</p>' + _table(head, ["<tr>" + "".join(cell(v) for v in r) + "</tr>"
+                                                                 for r in rows])
+
+
 def views_html(views: dict[str, Any], title: str = "robustact report",
-               extra_tables: Sequence[tuple[str, str, dict[str, Any]]] = ()) -> str:
+               extra_tables: Sequence[tuple[str, str, dict[str, Any]]] = (),
+               extra_sections: Sequence[tuple[str, str, str]] = ()) -> str:
     """The page of a ``build_views`` document. ``extra_tables`` appends further
-    Table-2-layout sections ``(id, heading, defence_table view)`` (e.g. Tables 4 and 5).
-    A document without ``worst_case`` / ``diagnostics`` (built by hand) gets notes there."""
+    Table-2-layout sections ``(id, heading, defence_table view)`` (e.g. Tables 4 and 5);
+    ``extra_sections`` sections ``(id, heading, html)`` of HTML built here (e.g.
+    ``plain_table_html``). A document without ``worst_case`` / ``diagnostics`` (built by
+    hand) gets notes there."""
     listed = ", ".join(views["reports"])
     extra = "".join(f'<section id="{escape(sid)}">\n<h2>{escape(heading)}</h2>\n{_defence_html(view)}\n</section>\n'
                     for sid, heading, view in extra_tables)
+    extra += "".join(f'<section id="{escape(sid)}">\n<h2>{escape(heading)}</h2>\n{html}\n</section>\n'
+                     for sid, heading, html in extra_sections)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from robustact.models.reproduce import TABLE_FILES, plan_for
+from robustact.models.reproduce import plan_for, table_files
 from robustact.service.cli import app
 
 pytestmark = pytest.mark.slow
@@ -22,8 +22,15 @@ def run(*args):
 def test_plans():
     default, small = plan_for("default"), plan_for("small")
     # Issue 11 let the budget grow from 1 to 2 hours on 2 cores so that AT-RS and the ablations
-    # converge; one layout's run stays near an hour.
-    assert default.estimate()["total"] < 3600 * 1.2
+    # converge and every fusion model meets AutoAttack.
+    assert default.estimate()["total"] < 3600 * 2
+    assert plan_for("default", autoattack=False).estimate()["total"] < 3600 * 1.2
+    assert [s.kind for s in default.stages()].count("autoattack") == 15  # every fusion model
+    assert not any(s.kind == "autoattack" for s in plan_for("default", autoattack=False).stages())
+    import dataclasses
+
+    with pytest.raises(ValueError, match="AutoAttack's attacks"):
+        dataclasses.replace(default, autoattack=("pgd20",))
     imigue = plan_for("default", layout="imigue")
     assert imigue.num_clips == default.num_clips and (imigue.num_amr, default.num_amr) == (1, 3)  # as the paper
     assert len(imigue.models()) == 17
@@ -41,7 +48,7 @@ def test_reproduce_small(tmp_path):
     assert "estimated time on 2 CPU cores" in log
     assert all(f"[{i:2d}/{len(stages)}]" in log for i in range(1, len(stages) + 1))
 
-    for name in TABLE_FILES:
+    for name in table_files(plan):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for attack in ("fgsm", plan.pgd, plan.cw):
         assert (out / f"figure2-{attack}.svg").read_text().count("<polyline") == 3  # ✗R ✗S ✗RS
@@ -50,6 +57,24 @@ def test_reproduce_small(tmp_path):
     assert len(list((out / "reports").glob("*.json"))) == len(plan.models()) == 17
     html = (out / "index.html").read_text()
     assert html.count("<svg") == 3 + plan.num_amr and 'id="lambda"' in html and 'id="amr-count"' in html
+    assert 'id="autoattack"' in html
+
+    # AutoAttack on every fusion model, as a cascade in RS, on the clips of the model's report;
+    # a clip counts as robust in "worst of all" only if neither the suite nor AutoAttack broke it.
+    aa = json.loads((out / "autoattack.json").read_text())
+    fusion = [s.key for s in plan.models() if s.arch == "fusion"]
+    assert [r["key"] for r in aa["rows"]] == fusion and aa["attacks"] == "APGD-CE4 → APGD-DLR4 → Square20"
+    for row in aa["rows"]:
+        own = json.loads((out / "reports" / f"{row['key']}.json").read_text())
+        cascade = json.loads((out / "reports" / "autoattack" / f"{row['key']}.json").read_text())
+        assert cascade["config"]["strategy"] == "worst-case"
+        assert {c["mode"] for c in cascade["config"]["suite"]} == {"RS"}
+        assert cascade["clean"] == own["clean"] and cascade["dataset"]["num_samples"] == plan.eval_clips
+        assert row["autoattack_RS"] == cascade["worst_case"][0]["modes"]["RS"]["accuracy"]
+        assert row["worst_RS"] <= min(row["pgd_RS"], row["cw_RS"])
+        n = plan.eval_clips
+        assert row["worst_of_all_RS"] * n / 100 == pytest.approx(row["worst_RS"] * n / 100 - row["only_autoattack"])
+        assert row["worst_of_all_RS"] * n / 100 == pytest.approx(row["autoattack_RS"] * n / 100 - row["only_suite"])
 
     table1 = json.loads((out / "table1.json").read_text())
     assert [r["attack"] for r in table1["rows"]] == ["FGSM", plan.pgd.upper(), plan.cw.upper()]
@@ -99,6 +124,7 @@ def test_reproduce_small(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in (out / "reports").glob("*.json")}
     log = run("reproduce", "--out", out, "--size", "small", "--seed", 0, "--device", "cpu")
     assert log.count("skipped (already done)") == len(stages) - 1  # all but the tables
+    assert sum("AutoAttack" in s.label for s in stages) == 15
     assert {p.name: p.stat().st_mtime_ns for p in (out / "reports").glob("*.json")} == before
     assert json.loads((out / "table2.json").read_text())["rows"] == table2["rows"]
 
@@ -125,7 +151,7 @@ def test_reproduce_small_on_the_imigue_layout(tmp_path):
         if report["model"]["arch"] != "rgb":
             assert (report["model"]["config"]["joints"], report["model"]["config"]["skel_channels"]) == (22, 2)
             assert len(report["worst_case"][0]["eps_skel_pixels"]) == 2
-    for name in TABLE_FILES:
+    for name in table_files(plan):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     # Beside each table, the paper's iMiGUE numbers, not NTU RGB+D's.
     for stem, clean in (("table1", 62.37), ("table2", 62.37), ("table2-cw", 62.37), ("table4", 62.37)):
@@ -152,15 +178,28 @@ def test_reproduce_runs_a_subset_then_resumes_an_interrupted_run(tmp_path):
 
     log = run("reproduce", "--out", out, "--size", "small", "--device", "cpu", "--models", "skeleton,at-s")
     assert sorted(p.name for p in (out / "reports").glob("*.json")) == ["at-s.json", "skeleton.json"]
-    assert "not yet: 15 of the plan's models have no report" in log and "the tables wait" in log
-    assert not any((out / name).exists() for name in TABLE_FILES)
+    assert (out / "reports" / "autoattack" / "at-s.json").is_file()  # AT-S is a fusion model
+    # 15 models and the AutoAttack reports of 14 fusion models
+    assert "not yet: 29 of the plan's reports are missing" in log and "amr (AutoAttack)" in log
+    assert "the tables wait" in log
+    assert not any((out / name).exists() for name in table_files(plan_for("small")))
     assert json.loads((out / "run-models.json").read_text())["models"] == ["at-s", "skeleton"]
+
+    # A folder started before plans had the autoattack field continues with the new stages
+    # (and its plan.json gains the field); another AutoAttack setting is refused.
+    stored = json.loads((out / "plan.json").read_text())
+    del stored["autoattack"]
+    (out / "plan.json").write_text(json.dumps(stored))
     log = run("reproduce", "--out", out, "--size", "small", "--device", "cpu")
+    assert json.loads((out / "plan.json").read_text()) == plan_for("small").to_dict()
+    refused = CliRunner().invoke(app, ["reproduce", "--out", str(out), "--size", "small", "--no-autoattack"])
+    assert refused.exit_code == 2 and "differs in autoattack" in refused.output
     skipped = [line.split("] ")[1].split(": skipped")[0].split(" (")[0] for line in log.splitlines()
                if "skipped (already done)" in line]
     assert sorted(skipped) == sorted([f"synthesise {plan_for('small').num_clips} clips and prepare the tiny cache",
-                                      "train Unimodal S", "train AT-S", "evaluate Unimodal S", "evaluate AT-S"])
-    assert all((out / name).is_file() for name in TABLE_FILES)
+                                      "train Unimodal S", "train AT-S", "evaluate Unimodal S", "evaluate AT-S",
+                                      "AutoAttack AT-S"])
+    assert all((out / name).is_file() for name in table_files(plan_for("small")))
 
     (out / "reports" / "amr-2.json").unlink()
     shutil.rmtree(out / "runs" / "at-s" / "model")
@@ -169,6 +208,15 @@ def test_reproduce_runs_a_subset_then_resumes_an_interrupted_run(tmp_path):
     done = [line for line in log.splitlines() if ": done in" in line]
     assert [line.split("] ")[1].split(": done in")[0].split(" (")[0] for line in done] == [
         "train AT-S", "evaluate AT-S", "evaluate 2 AMRs", "write Tables 1-5, Figures 2 and 4, index.html"]
+    # The AutoAttack report of AT-S was kept though the model was retrained: the same seed
+    # gives the same weights, which the table checks (it refuses a report of other weights).
+    cascade = out / "reports" / "autoattack" / "at-s.json"
+    doc = json.loads(cascade.read_text())
+    doc["model"]["weights_sha256"] = "0" * 64
+    cascade.write_text(json.dumps(doc))
+    (out / "reports" / "amr-2.json").unlink()
+    bad = CliRunner().invoke(app, ["reproduce", "--out", str(out), "--size", "small", "--device", "cpu"])
+    assert bad.exit_code == 2 and "at-s.json was not run on the checkpoint" in bad.output
 
 
 def _denormals_flushed() -> bool:

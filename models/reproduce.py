@@ -368,10 +368,13 @@ def build_stages(plan: ReproducePlan) -> list[Stage]:
                             c["model_overhead"] + plan.eval_clips * _suite_steps(plan, spec) * step, spec))
     if plan.autoattack:
         # A cascade: APGD-CE on every clean-correct clip, APGD-DLR and Square only on the
-        # clips still standing. Costed as if a quarter survive APGD-CE (a Square query is a
-        # forward pass, about a third of a step).
+        # clips still standing, and a clip leaves an attack once broken. Its cost is that of
+        # the clips that survive: costed as if 10 % survive everything and the rest break
+        # within 10 steps (a Square query is a forward pass, about a third of a step). The
+        # default NTU run, where AutoAttack breaks every clip, took 1-5 s per model.
         steps = {a.name: a.steps for a in _autoattack_suite(plan)}
-        per_clip = steps.get("apgd-ce", 0) + 0.25 * (steps.get("apgd-dlr", 0) + steps.get("square", 0) / 3)
+        per_clip = 0.9 * min(10, steps.get("apgd-ce", 10)) + 0.1 * (
+            steps.get("apgd-ce", 0) + steps.get("apgd-dlr", 0) + steps.get("square", 0) / 3)
         labels = " → ".join(a.label for a in _autoattack_suite(plan))
         for spec in specs:
             if spec.arch == "fusion":
@@ -474,6 +477,8 @@ def _run(plan: ReproducePlan, out: Path, device, log, progress, only: set[str] |
     emit = progress or (lambda _: None)
     stages = [s for s in plan.stages() if only is None or s.kind in ("data", "tables") or s.key in only]
     cache = out / "data" / "cache"
+    record = out / ("run.json" if only is None else "run-models.json")
+    earlier = _earlier_seconds(record)
     t_start = time.perf_counter()
     emit_line(plan.describe())
     results = []
@@ -490,6 +495,8 @@ def _run(plan: ReproducePlan, out: Path, device, log, progress, only: set[str] |
             status = _run_stage(plan, out, cache, stage, device, step)
         seconds = time.perf_counter() - t0
         results.append({"kind": stage.kind, "key": stage.key, "status": status, "seconds": round(seconds, 2)})
+        if status == "skipped" and (stage.kind, stage.key) in earlier:
+            results[-1]["done_seconds"] = earlier[(stage.kind, stage.key)]  # what it took when it ran
         elapsed = time.perf_counter() - t_start
         done = ("skipped (already done)" if status == "skipped" else
                 f"not yet: {len(missing)} of the plan's reports are missing ({', '.join(missing)})"
@@ -502,8 +509,25 @@ def _run(plan: ReproducePlan, out: Path, device, log, progress, only: set[str] |
                "files": sorted(table_files(plan) + _figure_files(out)) if tables else []}
     if only is not None:
         summary["models"] = sorted(only)
-    _write_atomic(out / ("run.json" if only is None else "run-models.json"), json.dumps(summary, indent=2))
+    _write_atomic(record, json.dumps(summary, indent=2))
     return summary
+
+
+def _earlier_seconds(record: Path) -> dict[tuple[str, str], float]:
+    """Seconds each stage took when it ran, from the folder's previous run record, so that a
+    rerun which skips it (e.g. to add a stage) keeps that history."""
+    try:
+        stages = json.loads(record.read_text())["stages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out = {}
+    for s in stages:
+        if not isinstance(s, dict):
+            continue
+        seconds = s.get("seconds") if s.get("status") == "done" else s.get("done_seconds")
+        if isinstance(seconds, (int, float)):
+            out[(s.get("kind"), s.get("key"))] = seconds
+    return out
 
 
 def _missing_reports(plan: ReproducePlan, out: Path) -> list[str]:

@@ -23,8 +23,7 @@ def test_plans():
     default, small = plan_for("default"), plan_for("small")
     # Issue 11 let the budget grow from 1 to 2 hours on 2 cores so that AT-RS and the ablations
     # converge and every fusion model meets AutoAttack.
-    assert default.estimate()["total"] < 3600 * 2
-    assert plan_for("default", autoattack=False).estimate()["total"] < 3600 * 1.2
+    assert default.estimate()["total"] < 3600 * 1.2
     assert [s.kind for s in default.stages()].count("autoattack") == 15  # every fusion model
     assert not any(s.kind == "autoattack" for s in plan_for("default", autoattack=False).stages())
     import dataclasses
@@ -122,8 +121,16 @@ def test_reproduce_small(tmp_path):
 
     # A rerun skips every model and report, rewrites the tables, and leaves results alone.
     before = {p.name: p.stat().st_mtime_ns for p in (out / "reports").glob("*.json")}
+    first = {(s["kind"], s["key"]): s for s in json.loads((out / "run.json").read_text())["stages"]}
     log = run("reproduce", "--out", out, "--size", "small", "--seed", 0, "--device", "cpu")
     assert log.count("skipped (already done)") == len(stages) - 1  # all but the tables
+    # run.json keeps what each skipped stage took when it ran.
+    again = json.loads((out / "run.json").read_text())["stages"]
+    assert [s["status"] for s in again].count("skipped") == len(stages) - 1
+    for s in again:
+        if s["status"] == "skipped":
+            assert first[(s["kind"], s["key"])]["status"] == "done"
+            assert s["done_seconds"] == first[(s["kind"], s["key"])]["seconds"], s
     assert sum("AutoAttack" in s.label for s in stages) == 15
     assert {p.name: p.stat().st_mtime_ns for p in (out / "reports").glob("*.json")} == before
     assert json.loads((out / "table2.json").read_text())["rows"] == table2["rows"]

@@ -488,8 +488,8 @@ def _run(plan: ReproducePlan, out: Path, device, log, progress, only: set[str] |
         def step(p: dict, _index=index, _stage=stage) -> None:
             emit({**p, "stage": _index, "stages": len(stages), "label": _stage.label})
 
-        missing = _missing_reports(plan, out)
-        if stage.kind == "tables" and missing:
+        missing = _missing_reports(plan, out) if stage.kind == "tables" else []
+        if missing:
             status = "waiting"  # a --models run: the tables need every model's report
         else:
             status = _run_stage(plan, out, cache, stage, device, step)
@@ -932,11 +932,13 @@ def _aa_cells(r: dict[str, Any]) -> list[Any]:
             r["only_autoattack"], r["only_suite"]]
 
 
-def autoattack_numbers(out: str | Path, key: str, eps: float) -> dict[str, Any] | None:
+def autoattack_numbers(out: str | Path, key: str, eps: float,
+                       report: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """✗RS of model ``key`` under AutoAttack, and clip by clip under AutoAttack and its own
     report's suite together (robust only if neither broke the clip; R- and S-only breaks of
     the suite count, being RS perturbations too), at budget ``eps``/255; None when the
-    folder has no AutoAttack report for it. Refuses reports of other weights or clips."""
+    folder has no AutoAttack report for it. Refuses reports of other weights or clips.
+    ``report``: the model's own report when already loaded."""
     import numpy as np
 
     from .evaluate import ClipRecords
@@ -946,7 +948,7 @@ def autoattack_numbers(out: str | Path, key: str, eps: float) -> dict[str, Any] 
     aa_path = _autoattack_path(out, key)
     if not aa_path.is_file():
         return None
-    rep, aa = _load(out, key), load_report(aa_path)
+    rep, aa = report or _load(out, key), load_report(aa_path)
     own = ClipRecords.load(out / "reports" / rep["per_clip"]["file"])
     cascade = ClipRecords.load(aa_path.with_name(aa["per_clip"]["file"]))
     if (aa["model"].get("weights_sha256") != rep["model"].get("weights_sha256")
@@ -979,7 +981,7 @@ def _autoattack_table(plan: ReproducePlan, out: Path, reports: dict[str, dict], 
                      "pgd_RS": find_attack(rep, plan.pgd.upper(), plan.eps)["modes"]["RS"]["accuracy"],
                      "cw_RS": find_attack(rep, plan.cw.upper(), plan.eps)["modes"]["RS"]["accuracy"],
                      "worst_RS": worst_case_entry(rep, plan.eps)["modes"]["RS"]["accuracy"],
-                     **autoattack_numbers(out, spec.key, plan.eps)})
+                     **autoattack_numbers(out, spec.key, plan.eps, rep)})
     head = [h.format(pgd=plan.pgd.upper(), cw=plan.cw.upper()) for h in AA_HEAD]
     labels = " → ".join(rows[0]["autoattack"]) if rows else ""
     md = [f"# AutoAttack in RS (ε = {_fmt(plan.eps)}/255): {labels}", "", scale, "", AA_NOTE, "",
